@@ -1,0 +1,390 @@
+//! RabbitMQ behind the broker port, with lapin and a deadpool-lapin pool.
+//!
+//! Each session gets its own AMQP channel on a pooled connection, and on it
+//! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete),
+//! consumed with manual acks and a prefetch, publisher confirms on.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::future::Map;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consumer};
+
+use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use crate::config::AmqpConfig;
+use crate::destination::Route;
+
+/// STOMP headers that describe the frame itself, not the message: they
+/// never travel to RabbitMQ.
+const STOMP_OWN_HEADERS: [&str; 8] = [
+    "destination",
+    "receipt",
+    "transaction",
+    "content-length",
+    "message-id",
+    "subscription",
+    "ack",
+    "redelivered",
+];
+
+/// Bounds the queue deletion and channel close at session end, so a dead
+/// broker cannot hold a finished session.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct AmqpBroker {
+    pool: Pool,
+    node_id: String,
+    prefetch: u16,
+    connect_timeout: Duration,
+}
+
+impl AmqpBroker {
+    /// Prepares the pool; connections are opened on first use, so the
+    /// gateway starts (and `/readyz` says 503) while RabbitMQ is down.
+    pub fn new(config: &AmqpConfig, node_id: &str) -> Result<AmqpBroker, BrokerError> {
+        let name = format!("stompgate {node_id}");
+        let pool_config = deadpool_lapin::Config {
+            url: Some(config.url.clone()),
+            pool: Some(PoolConfig {
+                max_size: config.pool_size,
+                timeouts: Timeouts {
+                    wait: Some(config.connect_timeout),
+                    create: Some(config.connect_timeout),
+                    recycle: Some(config.connect_timeout),
+                },
+                ..PoolConfig::default()
+            }),
+        };
+        let pool = pool_config
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        Ok(AmqpBroker {
+            pool,
+            node_id: node_id.to_owned(),
+            prefetch: config.prefetch,
+            connect_timeout: config.connect_timeout,
+        })
+    }
+
+    async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+}
+
+impl Broker for AmqpBroker {
+    type Session = AmqpSession;
+
+    async fn open(&self, session_id: &str) -> Result<AmqpSession, BrokerError> {
+        let queue = format!("stompgate.{}.{session_id}", self.node_id);
+        let opening = async {
+            let connection = self.connection().await?;
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            // The channel lives on after the pool object goes back: the
+            // pool hands the same connection to many sessions.
+            drop(connection);
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(refused)?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(refused)?;
+            let options = QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(short(&queue)?, options, FieldTable::default())
+                .await
+                .map_err(refused)?;
+            let consumer = channel
+                .basic_consume(
+                    short(&queue)?,
+                    short(&format!("stompgate.{session_id}"))?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(refused)?;
+            Ok::<_, BrokerError>((channel, consumer))
+        };
+        let (channel, consumer) = tokio::time::timeout(self.connect_timeout * 2, opening)
+            .await
+            .map_err(|_| BrokerError::Unavailable("timed out opening the session".into()))??;
+        Ok(AmqpSession {
+            channel,
+            consumer,
+            queue,
+        })
+    }
+
+    async fn ready(&self) -> bool {
+        match self.connection().await {
+            Ok(connection) => connection.status().connected(),
+            Err(_) => false,
+        }
+    }
+}
+
+pub struct AmqpSession {
+    channel: Channel,
+    consumer: Consumer,
+    queue: String,
+}
+
+/// A publisher confirm turned into the port's terms, without boxing.
+pub type AmqpConfirm = Map<
+    lapin::PublisherConfirm,
+    fn(lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError>,
+>;
+
+fn confirmed(result: lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError> {
+    match result.map_err(unavailable)? {
+        Confirmation::Ack(None) => Ok(Confirmed::Routed),
+        Confirmation::Ack(Some(_returned)) => Ok(Confirmed::Unroutable),
+        Confirmation::Nack(_) => Err(BrokerError::Nacked),
+        Confirmation::NotRequested => Err(BrokerError::Refused(
+            "publisher confirms are not enabled on the channel".into(),
+        )),
+    }
+}
+
+impl BrokerSession for AmqpSession {
+    type Confirm = AmqpConfirm;
+
+    fn queue_name(&self) -> &str {
+        &self.queue
+    }
+
+    async fn bind(&mut self, route: &Route) -> Result<(), BrokerError> {
+        self.channel
+            .queue_bind(
+                short(&self.queue)?,
+                short(&route.exchange)?,
+                short(&route.key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused)
+    }
+
+    async fn unbind(&mut self, route: &Route) -> Result<(), BrokerError> {
+        self.channel
+            .queue_unbind(
+                short(&self.queue)?,
+                short(&route.exchange)?,
+                short(&route.key)?,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(refused)
+    }
+
+    async fn publish(&mut self, message: Publish) -> Result<AmqpConfirm, BrokerError> {
+        let properties = properties_from_stomp(&message.headers)?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                short(&message.route.exchange)?,
+                short(&message.route.key)?,
+                options,
+                &message.body,
+                properties,
+            )
+            .await
+            .map_err(refused)?;
+        Ok(confirm.map(confirmed as fn(_) -> _))
+    }
+
+    async fn next_delivery(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        // Consumer is a Stream: next() is cancel-safe.
+        let delivery = match self.consumer.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(unavailable(e))),
+        };
+        Some(Ok(Delivery {
+            tag: delivery.delivery_tag,
+            headers: stomp_headers_from(&delivery.properties),
+            exchange: delivery.exchange.to_string(),
+            routing_key: delivery.routing_key.to_string(),
+            redelivered: delivery.redelivered,
+            body: Bytes::from(delivery.data),
+        }))
+    }
+
+    async fn ack(&mut self, tag: u64) -> Result<(), BrokerError> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn nack(&mut self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue,
+        };
+        self.channel
+            .basic_nack(tag, options)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn close(self) {
+        let closing = async {
+            if self.channel.status().connected() {
+                if let Ok(queue) = short(&self.queue) {
+                    let _ = self
+                        .channel
+                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = self.channel.close(200, "session closed".into()).await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+            tracing::warn!(queue = %self.queue, "closing the session's channel timed out");
+        }
+    }
+}
+
+fn unavailable(e: lapin::Error) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn refused(e: lapin::Error) -> BrokerError {
+    BrokerError::Refused(e.to_string())
+}
+
+fn short(s: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(s)
+        .map_err(|_| BrokerError::Invalid(format!("{s:?} is longer than AMQP's 255 bytes")))
+}
+
+/// SEND headers → AMQP properties (the contract's six, plus
+/// `amqp-message-id`) and application headers for the rest. The first of
+/// repeated headers wins, as in STOMP.
+fn properties_from_stomp(headers: &[(String, String)]) -> Result<BasicProperties, BrokerError> {
+    fn invalid(name: &str, value: &str, expected: &str) -> BrokerError {
+        BrokerError::Invalid(format!("header {name}:{value} is not {expected}"))
+    }
+    let mut properties = BasicProperties::default();
+    let mut table = FieldTable::default();
+    let mut seen: Vec<&str> = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        if STOMP_OWN_HEADERS.contains(&name.as_str()) || seen.contains(&name.as_str()) {
+            continue;
+        }
+        seen.push(name);
+        properties = match name.as_str() {
+            "content-type" => properties.with_content_type(short(value)?),
+            "persistent" => match value.as_str() {
+                "true" => properties.with_delivery_mode(2),
+                "false" => properties.with_delivery_mode(1),
+                _ => return Err(invalid(name, value, "true or false")),
+            },
+            "priority" => properties.with_priority(
+                value
+                    .parse()
+                    .map_err(|_| invalid(name, value, "a number from 0 to 255"))?,
+            ),
+            "expiration" => {
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(invalid(name, value, "a time to live in milliseconds"));
+                }
+                properties.with_expiration(short(value)?)
+            }
+            "reply-to" => properties.with_reply_to(short(value)?),
+            "correlation-id" => properties.with_correlation_id(short(value)?),
+            "amqp-message-id" => properties.with_message_id(short(value)?),
+            _ => {
+                table.insert(
+                    short(name)?,
+                    AMQPValue::LongString(LongString::from(value.as_bytes())),
+                );
+                properties
+            }
+        };
+    }
+    Ok(properties.with_headers(table))
+}
+
+/// AMQP properties and headers → STOMP headers on MESSAGE, the reverse of
+/// [`properties_from_stomp`], so messages from any AMQP client read well.
+fn stomp_headers_from(properties: &BasicProperties) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    let mut put = |name: &str, value: String| headers.push((name.to_owned(), value));
+    if let Some(v) = properties.content_type() {
+        put("content-type", v.to_string());
+    }
+    if let Some(mode) = properties.delivery_mode() {
+        put("persistent", (*mode == 2).to_string());
+    }
+    if let Some(v) = properties.priority() {
+        put("priority", v.to_string());
+    }
+    if let Some(v) = properties.expiration() {
+        put("expiration", v.to_string());
+    }
+    if let Some(v) = properties.reply_to() {
+        put("reply-to", v.to_string());
+    }
+    if let Some(v) = properties.correlation_id() {
+        put("correlation-id", v.to_string());
+    }
+    if let Some(v) = properties.message_id() {
+        put("amqp-message-id", v.to_string());
+    }
+    if let Some(table) = properties.headers() {
+        for (name, value) in table {
+            if STOMP_OWN_HEADERS.contains(&name.as_str()) {
+                continue;
+            }
+            if let Some(text) = value_text(value) {
+                put(name.as_str(), text);
+            }
+        }
+    }
+    headers
+}
+
+/// A header value as text; nested tables and arrays have no STOMP form.
+fn value_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}

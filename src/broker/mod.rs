@@ -1,0 +1,109 @@
+//! The port between a STOMP session and the message broker.
+//!
+//! A session sees only these traits: open a [`BrokerSession`] (one private
+//! queue), bind and unbind routes on it, publish with confirms, take
+//! deliveries and settle them. [`amqp`] is the RabbitMQ implementation;
+//! RabbitMQ does all routing and fan-out, so nothing here knows about other
+//! sessions.
+
+pub mod amqp;
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::destination::Route;
+
+/// A message taken from the session's queue, to be acked or nacked by `tag`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub tag: u64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub redelivered: bool,
+    /// STOMP headers made from the message's AMQP properties and headers.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// A message to publish. `headers` are the client's SEND headers; the
+/// adapter decides which are properties, which travel as message headers
+/// and which are STOMP's own and stay behind.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub route: Route,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// The broker's confirm of one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmed {
+    /// At least one queue took the message.
+    Routed,
+    /// No queue was bound for its routing key; the broker returned it.
+    Unroutable,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// No connection to the broker, or it was lost.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused an operation (unknown exchange, access refused…).
+    #[error("broker refused: {0}")]
+    Refused(String),
+    /// The broker did not take responsibility for a published message.
+    #[error("broker did not confirm the message (basic.nack)")]
+    Nacked,
+    /// The client's message cannot be expressed in AMQP.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A connection to the broker shared by all sessions of this process.
+pub trait Broker: Clone + Send + Sync + 'static {
+    type Session: BrokerSession;
+
+    /// Creates the session's exclusive queue (named after `session_id`)
+    /// and starts consuming from it.
+    fn open(&self, session_id: &str)
+        -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
+
+    /// Whether the broker is reachable right now (`/readyz`).
+    fn ready(&self) -> impl Future<Output = bool> + Send;
+}
+
+/// One STOMP session's private queue and the channel that serves it.
+pub trait BrokerSession: Send + 'static {
+    /// Resolves when the broker confirms a publish.
+    type Confirm: Future<Output = Result<Confirmed, BrokerError>> + Send + Unpin + 'static;
+
+    fn queue_name(&self) -> &str;
+
+    fn bind(&mut self, route: &Route) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    fn unbind(&mut self, route: &Route) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Sends the message and returns the pending confirm; the message is
+    /// published `mandatory`, so an unroutable one is reported as such.
+    fn publish(
+        &mut self,
+        message: Publish,
+    ) -> impl Future<Output = Result<Self::Confirm, BrokerError>> + Send;
+
+    /// The next delivery; `None` once the consumer has ended.
+    /// Cancel-safe: dropping the future loses no delivery.
+    fn next_delivery(&mut self)
+        -> impl Future<Output = Option<Result<Delivery, BrokerError>>> + Send;
+
+    fn ack(&mut self, tag: u64) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    fn nack(&mut self, tag: u64, requeue: bool)
+        -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Deletes the queue and closes the channel; never fails, as the
+    /// session is ending anyway (an exclusive, auto-delete queue goes with
+    /// its consumer even when the broker cannot be told).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}

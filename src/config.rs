@@ -1,0 +1,196 @@
+//! Settings: `config/default.toml` (embedded), then an optional `--config`
+//! file, then `STOMPGATE__<SECTION>__<KEY>` environment variables.
+//!
+//! Every struct refuses unknown keys, so a typo fails at start with the name
+//! of the key instead of being silently ignored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The defaults, compiled in so the binary runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub stomp: StompConfig,
+    pub amqp: AmqpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Empty until [`Config::validate`] derives one.
+    pub node_id: String,
+    pub allowed_origins: Vec<String>,
+    pub max_message_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StompConfig {
+    pub max_frame_bytes: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_transactions: usize,
+    pub max_transaction_frames: usize,
+    pub max_transaction_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub slow_client_timeout: Duration,
+    pub max_unconfirmed: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: String,
+    pub exchange: String,
+    pub prefetch: u16,
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+}
+
+impl Config {
+    /// Loads the layered configuration, reading the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, None)
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (`None`
+    /// reads the process environment); tests use this to stay independent.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env = config::Environment::with_prefix("STOMPGATE")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("server.allowed_origins")
+            .source(env);
+        let config: Config = builder.add_source(env).build()?.try_deserialize()?;
+        config.validate()
+    }
+
+    /// The defaults alone, validated: the starting point for tests.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Self::load_from(None, Some(Default::default()))
+    }
+
+    fn validate(mut self) -> Result<Config, ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        let uri: Result<lapin::uri::AMQPUri, _> = self.amqp.url.parse();
+        if let Err(reason) = uri {
+            return Err(invalid("amqp.url", format!("not an AMQP URL: {reason}")));
+        }
+        if self.amqp.exchange.is_empty() || self.amqp.exchange.len() > 255 {
+            return Err(invalid("amqp.exchange", "must be 1 to 255 bytes"));
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.amqp.pool_size == 0 {
+            return Err(invalid("amqp.pool_size", "must be at least 1"));
+        }
+        let s = &self.stomp;
+        for (key, value) in [
+            ("stomp.max_frame_bytes", s.max_frame_bytes),
+            ("stomp.max_headers", s.max_headers),
+            ("stomp.max_header_bytes", s.max_header_bytes),
+            ("stomp.max_subscriptions", s.max_subscriptions),
+            ("stomp.max_transactions", s.max_transactions),
+            ("stomp.max_transaction_frames", s.max_transaction_frames),
+            ("stomp.max_transaction_bytes", s.max_transaction_bytes),
+            ("stomp.max_unconfirmed", s.max_unconfirmed),
+            ("server.max_message_bytes", self.server.max_message_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, value) in [
+            ("stomp.connect_timeout", s.connect_timeout),
+            ("stomp.heartbeat_min", s.heartbeat_min),
+            ("stomp.slow_client_timeout", s.slow_client_timeout),
+            ("amqp.connect_timeout", self.amqp.connect_timeout),
+            ("amqp.publish_timeout", self.amqp.publish_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than 0"));
+            }
+        }
+        if self.server.allowed_origins.is_empty() {
+            return Err(invalid(
+                "server.allowed_origins",
+                "empty: no browser could connect; use [\"*\"] to allow all",
+            ));
+        }
+        if self.server.node_id.is_empty() {
+            self.server.node_id = derived_node_id();
+        }
+        // The node id is part of queue names (at most 255 bytes in AMQP,
+        // with room left for the prefix and the session id).
+        let id = &self.server.node_id;
+        if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "server.node_id",
+                "must be at most 128 printable ASCII characters without spaces",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// `<hostname>-<4 random hex digits>`: readable in the management UI, and
+/// unique per process even when several run on one host.
+fn derived_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    format!("{host}-{:04x}", rand::random::<u16>())
+}

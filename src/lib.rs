@@ -1,0 +1,26 @@
+//! stompgate: STOMP 1.2 over WebSocket in front of RabbitMQ.
+//!
+//! Each WebSocket connection gets its own exclusive RabbitMQ queue; each
+//! SUBSCRIBE binds that queue to a topic exchange, each SEND publishes to
+//! it. RabbitMQ does the routing and fan-out, so gateway nodes share
+//! nothing and any number of them can run side by side.
+//!
+//! # Layout
+//!
+//! The path of a message, in module order:
+//!
+//! - [`config`]: settings, layered default.toml → `--config` → env.
+//! - [`server`]: binds, serves the routes, tracks sessions, drains on shutdown.
+//! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, `/healthz`, `/readyz`.
+//! - [`session`]: one task per WebSocket, from CONNECT to close.
+//! - [`stomp`]: frame codec and client commands.
+//! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
+//! - [`broker`]: the port the session talks to, and its RabbitMQ adapter.
+
+pub mod broker;
+pub mod config;
+pub mod destination;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod stomp;

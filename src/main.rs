@@ -1,0 +1,82 @@
+//! The `stompgate` binary: CLI, logging, configuration, bind, run until
+//! SIGTERM or Ctrl-C.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use stompgate::broker::amqp::AmqpBroker;
+use stompgate::config::Config;
+use stompgate::server;
+
+/// STOMP 1.2 over WebSocket in front of RabbitMQ.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML file overriding config/default.toml; STOMPGATE__* environment
+    /// variables override both.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+/// A reason not to start. `main` returns it, and Rust prints it with
+/// `Debug`: that shows the message rather than a struct dump.
+struct Fatal(String);
+
+impl fmt::Debug for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for Fatal {
+    fn from(e: E) -> Fatal {
+        Fatal(e.to_string())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Fatal> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let config = Config::load(cli.config.as_deref())?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| Fatal(format!("cannot listen on {}: {e}", config.server.listen)))?;
+    let broker = AmqpBroker::new(&config.amqp, &config.server.node_id)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server::run(listener, Arc::new(config), broker, shutdown).await;
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C still stops");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received: shutting down");
+    shutdown.cancel();
+}

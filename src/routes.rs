@@ -1,0 +1,149 @@
+//! HTTP routes: the `/ws` upgrade (STOMP subprotocol negotiation, origin
+//! check, message size limit), `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::{self, Reply, Response};
+use warp::{Filter, Rejection};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::session::{self, SessionContext};
+use crate::stomp::command::Version;
+
+/// What every route handler shares.
+pub struct State<B> {
+    pub config: Arc<Config>,
+    pub broker: B,
+    pub shutdown: CancellationToken,
+    /// Sessions, so shutdown can wait for them: warp's graceful shutdown
+    /// does not see upgraded connections.
+    pub sessions: TaskTracker,
+}
+
+pub fn routes<B: Broker>(
+    state: Arc<State<B>>,
+) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let with_state = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
+    let ws = warp::path("ws")
+        .and(warp::path::end())
+        .and(warp::ws())
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
+        .and(with_state.clone())
+        .map(upgrade);
+    let healthz = warp::path("healthz")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(|| reply::with_status("ok\n", StatusCode::OK).into_response());
+    let readyz = warp::path("readyz")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state)
+        .then(|state: Arc<State<B>>| async move {
+            if state.shutdown.is_cancelled() {
+                reply::with_status("shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
+            } else if state.broker.ready().await {
+                reply::with_status("ready\n", StatusCode::OK)
+            } else {
+                reply::with_status("broker unavailable\n", StatusCode::SERVICE_UNAVAILABLE)
+            }
+            .into_response()
+        });
+    ws.or(healthz).unify().or(readyz).unify()
+}
+
+fn upgrade<B: Broker>(
+    ws: warp::ws::Ws,
+    headers: HeaderMap,
+    peer: Option<SocketAddr>,
+    state: Arc<State<B>>,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return reply::with_status("server shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
+            .into_response();
+    }
+    if let Some(origin) = headers.get("origin") {
+        let origin = origin.to_str().unwrap_or_default();
+        if !origin_allowed(&state.config.server.allowed_origins, origin) {
+            tracing::info!(origin, ?peer, "WebSocket refused: origin not allowed");
+            return reply::with_status(
+                "origin not allowed (server.allowed_origins)\n",
+                StatusCode::FORBIDDEN,
+            )
+            .into_response();
+        }
+    }
+    let subprotocol = pick_subprotocol(&headers);
+    let max = state.config.server.max_message_bytes;
+    let ctx = SessionContext {
+        config: state.config.clone(),
+        broker: state.broker.clone(),
+        peer,
+        subprotocol,
+        shutdown: state.shutdown.clone(),
+    };
+    let sessions = state.sessions.clone();
+    let reply = ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx)));
+    match subprotocol {
+        Some(version) => {
+            reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
+                .into_response()
+        }
+        // A client that offered no STOMP subprotocol (stomp.py) still gets
+        // STOMP; the version then comes from CONNECT's accept-version.
+        None => reply.into_response(),
+    }
+}
+
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+/// The highest STOMP version among the offered subprotocols (the header
+/// may be repeated, each a comma-separated list).
+fn pick_subprotocol(headers: &HeaderMap) -> Option<Version> {
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| Version::from_subprotocol(name.trim()))
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn highest_offered_subprotocol_wins() {
+        let mut headers = HeaderMap::new();
+        headers.append("sec-websocket-protocol", "v10.stomp, v11.stomp".parse().unwrap());
+        headers.append("sec-websocket-protocol", "v12.stomp".parse().unwrap());
+        assert_eq!(pick_subprotocol(&headers), Some(Version::V1_2));
+        let mut other = HeaderMap::new();
+        other.append("sec-websocket-protocol", "mqtt".parse().unwrap());
+        assert_eq!(pick_subprotocol(&other), None);
+    }
+
+    #[test]
+    fn origins() {
+        let list = vec!["https://news.example".to_owned()];
+        assert!(origin_allowed(&list, "https://NEWS.example"));
+        assert!(!origin_allowed(&list, "https://evil.example"));
+        assert!(origin_allowed(&["*".to_owned()], "https://evil.example"));
+    }
+}

@@ -1,0 +1,941 @@
+//! One task per WebSocket: waits for CONNECT, opens the connection's queue,
+//! then runs one `select!` loop over client frames, broker deliveries,
+//! publisher confirms, heart-beats and shutdown. Whatever ends it, the
+//! queue is deleted and the channel closed before the task returns.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use warp::ws::{Message, WebSocket};
+
+use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use crate::config::Config;
+use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
+use crate::stomp::command::{self, AckMode, ClientCommand, CommandError, Version};
+use crate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
+
+/// After our close frame, how long the peer gets to answer it. Reading
+/// until then (instead of dropping the socket) keeps a TCP reset from
+/// discarding the ERROR frame the client has not read yet.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// WebSocket close codes (RFC 6455).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+/// What a session needs from the server.
+pub struct SessionContext<B> {
+    pub config: Arc<Config>,
+    pub broker: B,
+    pub peer: Option<SocketAddr>,
+    /// The version named by the negotiated WebSocket subprotocol, if any.
+    pub subprotocol: Option<Version>,
+    pub shutdown: CancellationToken,
+}
+
+/// A protocol or broker failure: reported to the client in an ERROR frame,
+/// after which the connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Destination(#[from] DestinationError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Limit(String),
+}
+
+impl SessionError {
+    /// The ERROR frame's `message` header: short and stable.
+    fn summary(&self) -> &'static str {
+        match self {
+            SessionError::Frame(e) => e.summary(),
+            SessionError::Command(e) => e.summary(),
+            SessionError::Destination(_) => "invalid destination",
+            SessionError::Broker(BrokerError::Unavailable(_)) => "broker unavailable",
+            SessionError::Broker(BrokerError::Invalid(_)) => "invalid header",
+            SessionError::Broker(_) => "broker error",
+            SessionError::Protocol(_) => "protocol error",
+            SessionError::Limit(_) => "limit exceeded",
+        }
+    }
+}
+
+/// Why a session ended; logged once when it does.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT, answered.
+    Disconnected,
+    /// The client closed the WebSocket or the connection dropped.
+    PeerGone,
+    /// An ERROR frame was sent.
+    Failed,
+    /// No frame and no heart-beat from the client for twice its period.
+    HeartbeatTimeout,
+    /// No CONNECT within `stomp.connect_timeout`.
+    ConnectTimeout,
+    /// A write did not complete within `stomp.slow_client_timeout`.
+    SlowClient,
+    Shutdown,
+}
+
+/// A receipt to send once everything queued before it has been confirmed.
+/// Confirms and receipts share one ordered queue, so receipts go out in the
+/// order of the frames that asked for them, each after its own publish.
+struct Pending<C> {
+    confirm: Option<C>,
+    receipt: Option<String>,
+}
+
+/// A settled [`Pending`]: the receipt to send, and the publish's outcome.
+type Settled = (Option<String>, Result<Option<Confirmed>, BrokerError>);
+
+impl<C> Future for Pending<C>
+where
+    C: Future<Output = Result<Confirmed, BrokerError>> + Unpin,
+{
+    type Output = Settled;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
+        let result = match self.confirm.as_mut() {
+            Some(confirm) => match Pin::new(confirm).poll(cx) {
+                Poll::Ready(result) => result.map(Some),
+                Poll::Pending => return Poll::Pending,
+            },
+            None => Ok(None),
+        };
+        Poll::Ready((self.receipt.take(), result))
+    }
+}
+
+struct Subscription {
+    id: String,
+    destination: Destination,
+    ack: AckMode,
+    /// Message numbers sent on this subscription and not yet acked, oldest
+    /// first (a `client`-mode ACK covers every earlier one).
+    unacked: VecDeque<u64>,
+}
+
+/// A SEND, ACK or NACK held back until its transaction commits.
+enum Deferred {
+    Send(command::Send),
+    Ack(String),
+    Nack(String),
+}
+
+#[derive(Default)]
+struct Transaction {
+    frames: Vec<Deferred>,
+    bytes: usize,
+}
+
+enum Flow {
+    Continue,
+    Disconnect,
+}
+
+/// Runs one WebSocket connection to its end.
+pub async fn run<B: Broker>(ws: WebSocket, ctx: SessionContext<B>) {
+    let id = format!("{:012x}", rand::random::<u64>() >> 16);
+    let peer = ctx
+        .peer
+        .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    let span = tracing::info_span!("session", session = %id, %peer);
+    run_session(ws, ctx, id).instrument(span).await;
+}
+
+async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String) {
+    let stomp = &ctx.config.stomp;
+    let limits = Limits {
+        max_frame_bytes: stomp.max_frame_bytes,
+        max_headers: stomp.max_headers,
+        max_header_bytes: stomp.max_header_bytes,
+    };
+    let mut conn = Connection {
+        ws,
+        decoder: Decoder::new(limits),
+        escapes: true,
+        write_timeout: stomp.slow_client_timeout,
+        last_write: Instant::now(),
+        last_read: Instant::now(),
+    };
+    let deadline = Instant::now() + stomp.connect_timeout;
+    let (connect, receipt) = tokio::select! {
+        _ = ctx.shutdown.cancelled() => {
+            conn.finish(None, CLOSE_GOING_AWAY).await;
+            return;
+        }
+        first = timeout_at(deadline, conn.first_frame()) => match first {
+            Err(_) => {
+                let detail = format!(
+                    "no CONNECT frame within stomp.connect_timeout ({:?})",
+                    stomp.connect_timeout
+                );
+                let error = command::error("connect timeout", &detail, None);
+                conn.finish(Some(error), CLOSE_NORMAL).await;
+                log_end(&End::ConnectTimeout);
+                return;
+            }
+            Ok(Err(end)) => {
+                log_end(&end);
+                return;
+            }
+            Ok(Ok(frame)) => frame,
+        },
+    };
+
+    let version = match negotiate(&connect, ctx.subprotocol) {
+        Ok(version) => version,
+        Err(error) => {
+            let frame = command::error(error.summary(), &error.to_string(), receipt.as_deref())
+                .header("version", "1.2,1.1,1.0");
+            conn.finish(Some(frame), CLOSE_NORMAL).await;
+            log_end(&End::Failed);
+            return;
+        }
+    };
+    let ClientCommand::Connect(connect) = connect else {
+        return;
+    };
+    let broker = match ctx.broker.open(&id).await {
+        Ok(broker) => broker,
+        Err(error) => {
+            warn!(%error, "could not open the session's queue");
+            let error = SessionError::from(error);
+            let frame = command::error(error.summary(), &error.to_string(), receipt.as_deref());
+            conn.finish(Some(frame), CLOSE_NORMAL).await;
+            return;
+        }
+    };
+    conn.escapes = version != Version::V1_0;
+    conn.decoder.set_escapes(conn.escapes);
+
+    // Heart-beats as in contract.md: the server sends as often as the
+    // client asks, expects the client as often as it offered, never faster
+    // than the floor; 0 stays 0.
+    let floor = stomp.heartbeat_min.as_millis() as u64;
+    let (cx, cy) = connect.heart_beat;
+    let send_every = if cy == 0 { 0 } else { cy.max(floor) };
+    let expect_every = if cx == 0 { 0 } else { cx.max(floor) };
+
+    let mut session = Session {
+        id,
+        version,
+        config: ctx.config.clone(),
+        broker,
+        conn,
+        subscriptions: Vec::new(),
+        bindings: HashMap::new(),
+        transactions: HashMap::new(),
+        unacked: HashMap::new(),
+        awaiting_acks: HashMap::new(),
+        next_message: 0,
+        pending: FuturesOrdered::new(),
+        send_every: (send_every > 0).then(|| Duration::from_millis(send_every)),
+        expect_every: (expect_every > 0).then(|| Duration::from_millis(expect_every)),
+    };
+    let connected = command::connected(version, (send_every, expect_every), &session.id);
+    let end = match session.conn.write(&connected).await {
+        Ok(()) => {
+            info!(
+                version = version.as_str(),
+                queue = session.broker.queue_name(),
+                "session opened"
+            );
+            session.run(&ctx.shutdown).await
+        }
+        Err(end) => end,
+    };
+    session.close(end).await;
+}
+
+fn timeout_at<F: Future>(deadline: Instant, f: F) -> tokio::time::Timeout<F> {
+    tokio::time::timeout_at(deadline, f)
+}
+
+fn negotiate(
+    connect: &ClientCommand,
+    subprotocol: Option<Version>,
+) -> Result<Version, SessionError> {
+    let ClientCommand::Connect(connect) = connect else {
+        return Err(SessionError::Protocol(
+            "the first frame must be CONNECT or STOMP".into(),
+        ));
+    };
+    match &connect.accept_version {
+        Some(accepted) => Version::negotiate(accepted).ok_or_else(|| {
+            SessionError::Protocol(format!(
+                "no common STOMP version: client accepts {accepted:?}, server supports 1.0, 1.1, 1.2"
+            ))
+        }),
+        // STOMP 1.0 clients send no accept-version; the subprotocol, when
+        // one was negotiated, says more.
+        None => Ok(subprotocol.unwrap_or(Version::V1_0)),
+    }
+}
+
+fn log_end(end: &End) {
+    match end {
+        End::PeerGone | End::Disconnected => debug!(?end, "session closed"),
+        _ => info!(?end, "session closed"),
+    }
+}
+
+/// The WebSocket with its decoder: reads frames, writes frames.
+struct Connection {
+    ws: WebSocket,
+    decoder: Decoder,
+    escapes: bool,
+    write_timeout: Duration,
+    last_write: Instant,
+    last_read: Instant,
+}
+
+/// What the client side produced: a message's worth of bytes, or its end.
+enum Inbound {
+    Bytes,
+    End(End),
+}
+
+impl Connection {
+    /// Reads until the first frame; it must be CONNECT or STOMP.
+    async fn first_frame(&mut self) -> Result<(ClientCommand, Option<String>), End> {
+        loop {
+            let frame = match self.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => match self.read().await {
+                    Inbound::Bytes => continue,
+                    Inbound::End(end) => return Err(end),
+                },
+                Err(e) => return Err(self.fail(SessionError::from(e), None).await),
+            };
+            let receipt = frame.get("receipt").map(str::to_owned);
+            if frame.command != "CONNECT" && frame.command != "STOMP" {
+                let error = SessionError::Protocol(format!(
+                    "{} before CONNECT: the first frame must be CONNECT or STOMP",
+                    frame.command
+                ));
+                return Err(self.fail(error, receipt.as_deref()).await);
+            }
+            return match ClientCommand::from_frame(frame, Version::V1_2) {
+                Ok(command) => Ok((command, receipt)),
+                Err(e) => Err(self.fail(e.into(), receipt.as_deref()).await),
+            };
+        }
+    }
+
+    /// One WebSocket message into the decoder. Cancel-safe: `next()` on
+    /// the socket loses nothing when dropped.
+    async fn read(&mut self) -> Inbound {
+        match self.ws.next().await {
+            Some(Ok(message)) => {
+                self.last_read = Instant::now();
+                if message.is_close() {
+                    return Inbound::End(End::PeerGone);
+                }
+                if message.is_text() || message.is_binary() {
+                    self.decoder.feed(message.as_bytes());
+                }
+                Inbound::Bytes
+            }
+            Some(Err(e)) => {
+                debug!(error = %e, "websocket read failed");
+                let text = e.to_string();
+                if text.contains("Space limit exceeded") || text.contains("too long") {
+                    let error = command::error(
+                        "frame too large",
+                        "WebSocket message larger than server.max_message_bytes",
+                        None,
+                    );
+                    let _ = self.write(&error).await;
+                    let _ = self.send_close(CLOSE_TOO_BIG).await;
+                    return Inbound::End(End::Failed);
+                }
+                Inbound::End(End::PeerGone)
+            }
+            None => Inbound::End(End::PeerGone),
+        }
+    }
+
+    /// One frame, one WebSocket message: text when it is all UTF-8.
+    async fn write(&mut self, frame: &Frame) -> Result<(), End> {
+        let bytes = encode(frame, self.escapes);
+        let message = match String::from_utf8(bytes) {
+            Ok(text) => Message::text(text),
+            Err(e) => Message::binary(e.into_bytes()),
+        };
+        self.send(message).await
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        match timeout(self.write_timeout, self.ws.send(message)).await {
+            Ok(Ok(())) => {
+                self.last_write = Instant::now();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "websocket write failed");
+                Err(End::PeerGone)
+            }
+            Err(_) => Err(End::SlowClient),
+        }
+    }
+
+    async fn send_close(&mut self, code: u16) -> Result<(), End> {
+        self.send(Message::close_with(code, "")).await
+    }
+
+    /// Sends ERROR for `error` and the close frame.
+    async fn fail(&mut self, error: SessionError, receipt: Option<&str>) -> End {
+        debug!(%error, "protocol error");
+        let frame = command::error(error.summary(), &error.to_string(), receipt);
+        self.finish(Some(frame), CLOSE_NORMAL).await;
+        End::Failed
+    }
+
+    /// Last frame (if any), close frame, then waits a little for the peer's
+    /// close so that the last frame is read before the socket goes.
+    async fn finish(&mut self, last: Option<Frame>, code: u16) {
+        if let Some(frame) = last {
+            if self.write(&frame).await.is_err() {
+                return;
+            }
+        }
+        if self.send_close(code).await.is_err() {
+            return;
+        }
+        let _ = timeout(CLOSE_GRACE, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+struct Session<S: BrokerSession> {
+    id: String,
+    version: Version,
+    config: Arc<Config>,
+    broker: S,
+    conn: Connection,
+    /// In SUBSCRIBE order, so a delivery matching several subscriptions
+    /// produces its MESSAGE frames in a stable order.
+    subscriptions: Vec<Subscription>,
+    /// How many subscriptions use each binding: two subscriptions with
+    /// the same route share one binding on the queue.
+    bindings: HashMap<Route, usize>,
+    transactions: HashMap<String, Transaction>,
+    /// Message number → (subscription id, delivery tag) for MESSAGEs that
+    /// wait for the client's ACK.
+    unacked: HashMap<u64, (String, u64)>,
+    /// Delivery tag → MESSAGEs of that delivery still waiting for an ACK;
+    /// the delivery is acked to RabbitMQ when this reaches zero.
+    awaiting_acks: HashMap<u64, usize>,
+    next_message: u64,
+    pending: FuturesOrdered<Pending<S::Confirm>>,
+    send_every: Option<Duration>,
+    expect_every: Option<Duration>,
+}
+
+impl<S: BrokerSession> Session<S> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> End {
+        // Frames that came in the same WebSocket message as CONNECT.
+        if let Some(end) = self.process_buffered().await {
+            return end;
+        }
+        let max_unconfirmed = self.config.stomp.max_unconfirmed;
+        loop {
+            let far = Instant::now() + Duration::from_secs(86_400);
+            let heartbeat_due = self.send_every.map_or(far, |d| self.conn.last_write + d);
+            let silence_limit = self.expect_every.map_or(far, |d| self.conn.last_read + d * 2);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                // Confirms first: a channel error caused by a publish is
+                // reported with the publish's own reason.
+                Some(settled) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(end) = self.settle(settled).await {
+                        return end;
+                    }
+                }
+                // Cancel-safe (Stream::next). Not read while too many
+                // publishes wait for confirms: back-pressure, not buffering.
+                inbound = self.conn.read(), if self.pending.len() < max_unconfirmed => {
+                    match inbound {
+                        Inbound::Bytes => {
+                            if let Some(end) = self.process_buffered().await {
+                                return end;
+                            }
+                        }
+                        Inbound::End(end) => return end,
+                    }
+                }
+                // Cancel-safe: see BrokerSession::next_delivery.
+                delivery = self.broker.next_delivery() => {
+                    let error = match delivery {
+                        Some(Ok(delivery)) => match self.deliver(delivery).await {
+                            Ok(()) => continue,
+                            Err(end) => return end,
+                        },
+                        Some(Err(e)) => e,
+                        None => BrokerError::Unavailable(
+                            "the broker cancelled the session's consumer".into(),
+                        ),
+                    };
+                    return self.fail(error.into(), None).await;
+                }
+                _ = sleep_until(heartbeat_due), if self.send_every.is_some() => {
+                    if let Err(end) = self.conn.send(Message::text("\n")).await {
+                        return end;
+                    }
+                }
+                _ = sleep_until(silence_limit), if self.expect_every.is_some() => {
+                    let detail = format!(
+                        "no frame or heart-beat for {:?}, twice the negotiated period",
+                        silence_limit - self.conn.last_read
+                    );
+                    let error = command::error("heart-beat timeout", &detail, None);
+                    self.conn.finish(Some(error), CLOSE_NORMAL).await;
+                    return End::HeartbeatTimeout;
+                }
+            }
+        }
+    }
+
+    /// Handles every complete frame the decoder holds.
+    async fn process_buffered(&mut self) -> Option<End> {
+        loop {
+            let frame = match self.conn.decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(e) => return Some(self.fail(e.into(), None).await),
+            };
+            let receipt = frame.get("receipt").map(str::to_owned);
+            let result = match ClientCommand::from_frame(frame, self.version) {
+                Ok(command) => self.handle(command, receipt.as_deref()).await,
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Disconnect) => return Some(self.disconnect(receipt).await),
+                Err(e) => return Some(self.fail(e, receipt.as_deref()).await),
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        command: ClientCommand,
+        receipt: Option<&str>,
+    ) -> Result<Flow, SessionError> {
+        match command {
+            ClientCommand::Connect(_) => {
+                return Err(SessionError::Protocol(
+                    "CONNECT on a session that is already connected".into(),
+                ))
+            }
+            ClientCommand::Disconnect => return Ok(Flow::Disconnect),
+            ClientCommand::Send(send) => match send.transaction.clone() {
+                Some(tx) => self.defer(&tx, Deferred::Send(send))?,
+                None => {
+                    let confirm = self.publish(send).await?;
+                    self.pending.push_back(Pending {
+                        confirm: Some(confirm),
+                        receipt: receipt.map(str::to_owned),
+                    });
+                    return Ok(Flow::Continue);
+                }
+            },
+            ClientCommand::Subscribe {
+                id,
+                destination,
+                ack,
+            } => self.subscribe(id, &destination, ack).await?,
+            ClientCommand::Unsubscribe { id } => self.unsubscribe(&id).await?,
+            ClientCommand::Ack { id, transaction } => match transaction {
+                Some(tx) => self.defer(&tx, Deferred::Ack(id))?,
+                None => self.acknowledge(&id, true).await?,
+            },
+            ClientCommand::Nack { id, transaction } => match transaction {
+                Some(tx) => self.defer(&tx, Deferred::Nack(id))?,
+                None => self.acknowledge(&id, false).await?,
+            },
+            ClientCommand::Begin { transaction } => {
+                if self.transactions.contains_key(&transaction) {
+                    return Err(SessionError::Protocol(format!(
+                        "transaction {transaction:?} has already begun"
+                    )));
+                }
+                let limit = self.config.stomp.max_transactions;
+                if self.transactions.len() >= limit {
+                    return Err(SessionError::Limit(format!(
+                        "more than stomp.max_transactions ({limit}) open transactions"
+                    )));
+                }
+                self.transactions.insert(transaction, Transaction::default());
+            }
+            ClientCommand::Commit { transaction } => {
+                let tx = self.take_transaction(&transaction)?;
+                for deferred in tx.frames {
+                    match deferred {
+                        Deferred::Send(send) => {
+                            let confirm = self.publish(send).await?;
+                            self.pending.push_back(Pending {
+                                confirm: Some(confirm),
+                                receipt: None,
+                            });
+                        }
+                        Deferred::Ack(id) => self.acknowledge(&id, true).await?,
+                        Deferred::Nack(id) => self.acknowledge(&id, false).await?,
+                    }
+                }
+            }
+            ClientCommand::Abort { transaction } => {
+                self.take_transaction(&transaction)?;
+            }
+        }
+        // Behind any pending confirms, so receipts keep the frames' order.
+        if let Some(receipt) = receipt {
+            self.pending.push_back(Pending {
+                confirm: None,
+                receipt: Some(receipt.to_owned()),
+            });
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn take_transaction(&mut self, name: &str) -> Result<Transaction, SessionError> {
+        self.transactions
+            .remove(name)
+            .ok_or_else(|| SessionError::Protocol(format!("no transaction {name:?} has begun")))
+    }
+
+    fn defer(&mut self, name: &str, deferred: Deferred) -> Result<(), SessionError> {
+        let stomp = &self.config.stomp;
+        let Some(tx) = self.transactions.get_mut(name) else {
+            return Err(SessionError::Protocol(format!(
+                "no transaction {name:?} has begun"
+            )));
+        };
+        if tx.frames.len() >= stomp.max_transaction_frames {
+            return Err(SessionError::Limit(format!(
+                "transaction {name:?} holds more than stomp.max_transaction_frames ({}) frames",
+                stomp.max_transaction_frames
+            )));
+        }
+        if let Deferred::Send(send) = &deferred {
+            tx.bytes += send.body.len();
+            if tx.bytes > stomp.max_transaction_bytes {
+                return Err(SessionError::Limit(format!(
+                    "transaction {name:?} holds more than stomp.max_transaction_bytes ({} bytes)",
+                    stomp.max_transaction_bytes
+                )));
+            }
+        }
+        tx.frames.push(deferred);
+        Ok(())
+    }
+
+    async fn publish(&mut self, send: command::Send) -> Result<S::Confirm, SessionError> {
+        let destination =
+            Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
+        let message = Publish {
+            route: destination.route,
+            headers: send.headers,
+            body: send.body,
+        };
+        Ok(self.broker.publish(message).await?)
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: String,
+        destination: &str,
+        ack: AckMode,
+    ) -> Result<(), SessionError> {
+        if self.subscriptions.iter().any(|s| s.id == id) {
+            return Err(SessionError::Protocol(format!(
+                "subscription id {id:?} is already in use on this connection"
+            )));
+        }
+        let limit = self.config.stomp.max_subscriptions;
+        if self.subscriptions.len() >= limit {
+            return Err(SessionError::Limit(format!(
+                "more than stomp.max_subscriptions ({limit}) subscriptions"
+            )));
+        }
+        let destination =
+            Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
+        let users = self
+            .bindings
+            .entry(destination.route.clone())
+            .or_insert(0);
+        if *users == 0 {
+            if let Err(e) = self.broker.bind(&destination.route).await {
+                self.bindings.remove(&destination.route);
+                return Err(e.into());
+            }
+        }
+        *self.bindings.entry(destination.route.clone()).or_insert(0) += 1;
+        debug!(id, destination = ?destination.route, "subscribed");
+        self.subscriptions.push(Subscription {
+            id,
+            destination,
+            ack,
+            unacked: VecDeque::new(),
+        });
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, id: &str) -> Result<(), SessionError> {
+        let Some(index) = self.subscriptions.iter().position(|s| s.id == id) else {
+            return Err(SessionError::Protocol(format!(
+                "no subscription with id {id:?}"
+            )));
+        };
+        let subscription = self.subscriptions.remove(index);
+        let route = subscription.destination.route;
+        // Messages the client never acked on a subscription it left are
+        // settled as consumed: requeueing them would redeliver them to the
+        // connection's other subscriptions.
+        for number in subscription.unacked {
+            if let Some((_, tag)) = self.unacked.remove(&number) {
+                self.settle_message(tag, true).await?;
+            }
+        }
+        let last_user = match self.bindings.get_mut(&route) {
+            Some(users) if *users > 1 => {
+                *users -= 1;
+                false
+            }
+            _ => true,
+        };
+        if last_user {
+            self.bindings.remove(&route);
+            self.broker.unbind(&route).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a delivery as one MESSAGE per matching subscription.
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+        // One queue receives a message once even when several bindings
+        // match it, so the session fans it out to its subscriptions.
+        let matching: Vec<usize> = self
+            .subscriptions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.destination.route.exchange == delivery.exchange
+                    && topic_matches(&s.destination.route.key, &delivery.routing_key)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut awaiting = 0;
+        for index in matching {
+            let number = self.next_message;
+            self.next_message += 1;
+            let subscription = &mut self.subscriptions[index];
+            let mut frame = Frame::new("MESSAGE")
+                .header("subscription", subscription.id.as_str())
+                .header("message-id", number.to_string())
+                .header(
+                    "destination",
+                    format!("{}{}", subscription.destination.prefix, delivery.routing_key),
+                );
+            if subscription.ack.needs_ack() {
+                frame = frame.header("ack", number.to_string());
+                subscription.unacked.push_back(number);
+                self.unacked
+                    .insert(number, (subscription.id.clone(), delivery.tag));
+                awaiting += 1;
+            }
+            if delivery.redelivered {
+                frame = frame.header("redelivered", "true");
+            }
+            frame.headers.extend(delivery.headers.iter().cloned());
+            frame.body = delivery.body.clone();
+            self.conn.write(&frame).await?;
+        }
+        if awaiting == 0 {
+            // Auto mode (or a message for a subscription that has just
+            // gone): written to the socket, so done.
+            if let Err(e) = self.broker.ack(delivery.tag).await {
+                return Err(self.fail(e.into(), None).await);
+            }
+        } else {
+            self.awaiting_acks.insert(delivery.tag, awaiting);
+        }
+        Ok(())
+    }
+
+    /// ACK (`positive`) or NACK of the MESSAGE whose `ack` header was `id`.
+    async fn acknowledge(&mut self, id: &str, positive: bool) -> Result<(), SessionError> {
+        let Ok(number) = id.parse::<u64>() else {
+            return Err(SessionError::Protocol(format!(
+                "ACK/NACK names no message of this session: {id:?}"
+            )));
+        };
+        // An id already settled (e.g. covered by an earlier cumulative
+        // ACK) is not an error: clients may ACK every message anyway.
+        let Some((subscription_id, _)) = self.unacked.get(&number) else {
+            debug!(number, "ACK/NACK of a message already settled");
+            return Ok(());
+        };
+        let Some(subscription) = self
+            .subscriptions
+            .iter_mut()
+            .find(|s| &s.id == subscription_id)
+        else {
+            return Ok(());
+        };
+        let numbers: Vec<u64> = match subscription.ack {
+            AckMode::Client => {
+                let upto = subscription
+                    .unacked
+                    .iter()
+                    .position(|&n| n == number)
+                    .map_or(0, |p| p + 1);
+                subscription.unacked.drain(..upto).collect()
+            }
+            _ => {
+                subscription.unacked.retain(|&n| n != number);
+                vec![number]
+            }
+        };
+        for number in numbers {
+            if let Some((_, tag)) = self.unacked.remove(&number) {
+                self.settle_message(tag, positive).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One MESSAGE of delivery `tag` settled by the client. The delivery is
+    /// acked once all its MESSAGEs are; a NACK of any returns it to the
+    /// queue at once, and its other MESSAGEs no longer wait.
+    async fn settle_message(&mut self, tag: u64, positive: bool) -> Result<(), SessionError> {
+        let Some(remaining) = self.awaiting_acks.get_mut(&tag) else {
+            return Ok(());
+        };
+        if positive {
+            *remaining -= 1;
+            if *remaining == 0 {
+                self.awaiting_acks.remove(&tag);
+                self.broker.ack(tag).await?;
+            }
+            return Ok(());
+        }
+        self.awaiting_acks.remove(&tag);
+        let orphans: Vec<u64> = self
+            .unacked
+            .iter()
+            .filter(|(_, (_, t))| *t == tag)
+            .map(|(n, _)| *n)
+            .collect();
+        for number in orphans {
+            if let Some((subscription_id, _)) = self.unacked.remove(&number) {
+                if let Some(s) = self
+                    .subscriptions
+                    .iter_mut()
+                    .find(|s| s.id == subscription_id)
+                {
+                    s.unacked.retain(|&n| n != number);
+                }
+            }
+        }
+        self.broker.nack(tag, true).await?;
+        Ok(())
+    }
+
+    /// A confirm arrived (or a receipt's turn came).
+    async fn settle(&mut self, (receipt, result): Settled) -> Result<(), End> {
+        match result {
+            Ok(confirmed) => {
+                let Some(receipt) = receipt else {
+                    return Ok(());
+                };
+                let mut frame = command::receipt(&receipt);
+                if let Some(confirmed) = confirmed {
+                    let routed = confirmed == Confirmed::Routed;
+                    frame = frame.header("routed", routed.to_string());
+                }
+                self.conn.write(&frame).await
+            }
+            Err(e) => Err(self.fail(e.into(), receipt.as_deref()).await),
+        }
+    }
+
+    /// Waits for outstanding confirms, sending their receipts, within
+    /// `amqp.publish_timeout`.
+    async fn drain(&mut self) -> Result<(), End> {
+        let limit = self.config.amqp.publish_timeout;
+        let drained = timeout(limit, async {
+            while let Some(settled) = self.pending.next().await {
+                self.settle(settled).await?;
+            }
+            Ok(())
+        })
+        .await;
+        drained.unwrap_or_else(|_| {
+            warn!(
+                unconfirmed = self.pending.len(),
+                "publishes still unconfirmed after amqp.publish_timeout"
+            );
+            Ok(())
+        })
+    }
+
+    async fn disconnect(&mut self, receipt: Option<String>) -> End {
+        if let Err(end) = self.drain().await {
+            return end;
+        }
+        let last = receipt.map(|r| command::receipt(&r));
+        self.conn.finish(last, CLOSE_NORMAL).await;
+        End::Disconnected
+    }
+
+    async fn fail(&mut self, error: SessionError, receipt: Option<&str>) -> End {
+        self.conn.fail(error, receipt).await
+    }
+
+    /// Ends the session: the client is told why when it can still listen,
+    /// in-flight publishes are confirmed, the queue and channel go.
+    async fn close(mut self, end: End) {
+        if let End::Shutdown = end {
+            if self.drain().await.is_ok() {
+                let error = command::error(
+                    "server shutting down",
+                    "the gateway is stopping; reconnect to another node",
+                    None,
+                );
+                self.conn.finish(Some(error), CLOSE_GOING_AWAY).await;
+            }
+        }
+        // Publishes already sent reach RabbitMQ before the channel closes;
+        // waiting here keeps their confirms from being cut off.
+        let _ = timeout(self.config.amqp.publish_timeout, async {
+            while self.pending.next().await.is_some() {}
+        })
+        .await;
+        self.broker.close().await;
+        log_end(&end);
+    }
+}

@@ -1,0 +1,392 @@
+//! STOMP frames on the wire: a stream [`Decoder`] for client bytes (frames
+//! may be split across or packed into WebSocket messages) and [`encode`] for
+//! server frames.
+//!
+//! Follows STOMP 1.2: EOL is `\n` or `\r\n`, EOLs between frames are
+//! heart-beats, `content-length` bodies may hold NULs, header names and
+//! values are escaped (`\\`, `\n`, `\r`, `\c`) except in CONNECT, STOMP and
+//! CONNECTED frames, and the first of repeated headers wins.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// One STOMP frame. Header order is kept because STOMP says the first of
+/// repeated headers wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub command: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Frame {
+    pub fn new(command: impl Into<String>) -> Frame {
+        Frame {
+            command: command.into(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Frame {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Bytes>) -> Frame {
+        self.body = body.into();
+        self
+    }
+
+    /// The first value of header `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Bytes this frame takes on the wire, near enough for limits.
+    pub fn wire_len(&self) -> usize {
+        self.command.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 2)
+                .sum::<usize>()
+            + self.body.len()
+            + 2
+    }
+}
+
+/// Where the decoder gives up; the values come from `[stomp]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame larger than stomp.max_frame_bytes ({limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("more headers than stomp.max_headers ({limit})")]
+    TooManyHeaders { limit: usize },
+    #[error("header line longer than stomp.max_header_bytes ({limit} bytes)")]
+    HeaderTooLong { limit: usize },
+    #[error("header line without a colon: {0:?}")]
+    MissingColon(String),
+    #[error("undefined escape sequence {0:?} in a header")]
+    BadEscape(String),
+    #[error("frame command or header is not valid UTF-8")]
+    NotUtf8,
+    #[error("invalid content-length {0:?}")]
+    BadContentLength(String),
+    #[error("frame body of content-length bytes is not followed by NUL")]
+    MissingNul,
+    #[error("carriage return not followed by line feed")]
+    BadEol,
+}
+
+impl FrameError {
+    /// A short, stable reason for the ERROR frame's `message` header.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge { .. } => "frame too large",
+            FrameError::TooManyHeaders { .. } => "too many headers",
+            FrameError::HeaderTooLong { .. } => "header too long",
+            FrameError::BadEscape(_) => "undefined escape sequence",
+            _ => "malformed frame",
+        }
+    }
+}
+
+/// Parsed command and headers of a frame whose body is still arriving.
+#[derive(Debug)]
+struct Head {
+    command: String,
+    headers: Vec<(String, String)>,
+    body_start: usize,
+    content_length: Option<usize>,
+    /// Bytes of the body already searched for the NUL: resumes the search
+    /// where it stopped, so a large frame fed byte by byte stays linear.
+    scanned: usize,
+}
+
+/// Incremental decoder: [`Decoder::feed`] bytes as they arrive, then call
+/// [`Decoder::next_frame`] until it returns `Ok(None)`.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: BytesMut,
+    limits: Limits,
+    escapes: bool,
+    head: Option<Head>,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder {
+            buf: BytesMut::new(),
+            limits,
+            escapes: true,
+            head: None,
+        }
+    }
+
+    /// STOMP 1.0 has no header escaping; 1.1 and 1.2 have.
+    pub fn set_escapes(&mut self, escapes: bool) {
+        self.escapes = escapes;
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet decoded into a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed.
+    /// Heart-beat EOLs are consumed silently.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.head.is_none() {
+            self.skip_heartbeats()?;
+            match self.parse_head()? {
+                Some(head) => self.head = Some(head),
+                None => return Ok(None),
+            }
+        }
+        let Some(head) = self.head.as_mut() else {
+            return Ok(None);
+        };
+        let max = self.limits.max_frame_bytes;
+        let body_end = match head.content_length {
+            Some(len) => {
+                let end = head.body_start + len;
+                if end + 1 > max {
+                    return Err(FrameError::TooLarge { limit: max });
+                }
+                if self.buf.len() <= end {
+                    return Ok(None);
+                }
+                if self.buf[end] != 0 {
+                    return Err(FrameError::MissingNul);
+                }
+                end
+            }
+            None => {
+                let from = head.body_start + head.scanned;
+                match self.buf[from..].iter().position(|&b| b == 0) {
+                    Some(offset) => from + offset,
+                    None => {
+                        head.scanned = self.buf.len() - head.body_start;
+                        if self.buf.len() > max {
+                            return Err(FrameError::TooLarge { limit: max });
+                        }
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let Some(head) = self.head.take() else {
+            return Ok(None);
+        };
+        let mut raw = self.buf.split_to(body_end + 1);
+        raw.truncate(body_end);
+        let body = raw.split_off(head.body_start).freeze();
+        Ok(Some(Frame {
+            command: head.command,
+            headers: head.headers,
+            body,
+        }))
+    }
+
+    fn skip_heartbeats(&mut self) -> Result<(), FrameError> {
+        loop {
+            match self.buf.first() {
+                Some(b'\n') => self.buf.advance(1),
+                Some(b'\r') => match self.buf.get(1) {
+                    Some(b'\n') => self.buf.advance(2),
+                    Some(_) => return Err(FrameError::BadEol),
+                    None => return Ok(()),
+                },
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Parses command and headers once the blank line has arrived.
+    fn parse_head(&self) -> Result<Option<Head>, FrameError> {
+        let limits = self.limits;
+        let mut pos = 0;
+        let mut command: Option<String> = None;
+        let mut headers = Vec::new();
+        loop {
+            let Some(nl) = self.buf[pos..].iter().position(|&b| b == b'\n') else {
+                if self.buf.len() - pos > limits.max_header_bytes {
+                    return Err(FrameError::HeaderTooLong {
+                        limit: limits.max_header_bytes,
+                    });
+                }
+                if self.buf.len() > limits.max_frame_bytes {
+                    return Err(FrameError::TooLarge {
+                        limit: limits.max_frame_bytes,
+                    });
+                }
+                return Ok(None);
+            };
+            let mut line = &self.buf[pos..pos + nl];
+            pos += nl + 1;
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            if line.len() > limits.max_header_bytes {
+                return Err(FrameError::HeaderTooLong {
+                    limit: limits.max_header_bytes,
+                });
+            }
+            if pos > limits.max_frame_bytes {
+                return Err(FrameError::TooLarge {
+                    limit: limits.max_frame_bytes,
+                });
+            }
+            let Some(cmd) = &command else {
+                let cmd = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8)?;
+                command = Some(cmd.to_owned());
+                continue;
+            };
+            if line.is_empty() {
+                let content_length = headers
+                    .iter()
+                    .find(|(n, _): &&(String, String)| n == "content-length")
+                    .map(|(_, v)| {
+                        v.trim()
+                            .parse::<usize>()
+                            .map_err(|_| FrameError::BadContentLength(v.clone()))
+                    })
+                    .transpose()?;
+                return Ok(Some(Head {
+                    command: command.unwrap_or_default(),
+                    headers,
+                    body_start: pos,
+                    content_length,
+                    scanned: 0,
+                }));
+            }
+            if headers.len() == limits.max_headers {
+                return Err(FrameError::TooManyHeaders {
+                    limit: limits.max_headers,
+                });
+            }
+            let line = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8)?;
+            let Some((name, value)) = line.split_once(':') else {
+                return Err(FrameError::MissingColon(line.to_owned()));
+            };
+            let raw_headers = !self.escapes || cmd == "CONNECT" || cmd == "STOMP";
+            if raw_headers {
+                headers.push((name.to_owned(), value.to_owned()));
+            } else {
+                headers.push((unescape(name)?, unescape(value)?));
+            }
+        }
+    }
+}
+
+fn unescape(s: &str) -> Result<String, FrameError> {
+    if !s.contains('\\') {
+        return Ok(s.to_owned());
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('\\') => out.push('\\'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('c') => out.push(':'),
+            Some(other) => return Err(FrameError::BadEscape(format!("\\{other}"))),
+            None => return Err(FrameError::BadEscape("\\".to_owned())),
+        }
+    }
+    Ok(out)
+}
+
+fn escape_into(out: &mut Vec<u8>, s: &str, escapes: bool) {
+    for &b in s.as_bytes() {
+        match (b, escapes) {
+            (b'\\', true) => out.extend_from_slice(b"\\\\"),
+            (b'\n', true) => out.extend_from_slice(b"\\n"),
+            (b'\r', true) => out.extend_from_slice(b"\\r"),
+            (b':', true) => out.extend_from_slice(b"\\c"),
+            // Without escaping (STOMP 1.0, CONNECTED) a line break would
+            // end the header and let a value inject headers: drop it.
+            (b'\n' | b'\r', false) => {}
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Encodes a server frame. `content-length` is added for a non-empty body
+/// that does not carry one. `escapes` is false for STOMP 1.0 sessions;
+/// CONNECTED is never escaped, as STOMP 1.2 requires.
+pub fn encode(frame: &Frame, escapes: bool) -> Vec<u8> {
+    let escapes = escapes && frame.command != "CONNECTED";
+    let mut out = Vec::with_capacity(frame.wire_len() + 24);
+    out.extend_from_slice(frame.command.as_bytes());
+    out.push(b'\n');
+    let mut has_length = false;
+    for (name, value) in &frame.headers {
+        has_length |= name == "content-length";
+        escape_into(&mut out, name, escapes);
+        out.push(b':');
+        escape_into(&mut out, value, escapes);
+        out.push(b'\n');
+    }
+    if !frame.body.is_empty() && !has_length {
+        out.extend_from_slice(b"content-length:");
+        out.extend_from_slice(frame.body.len().to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(&frame.body);
+    out.push(0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder() -> Decoder {
+        Decoder::new(Limits {
+            max_frame_bytes: 1024,
+            max_headers: 4,
+            max_header_bytes: 64,
+        })
+    }
+
+    #[test]
+    fn unescape_handles_every_defined_escape() {
+        assert_eq!(unescape(r"a\\b\nc\rd\ce").unwrap(), "a\\b\nc\rd:e");
+        assert_eq!(
+            unescape(r"x\t"),
+            Err(FrameError::BadEscape("\\t".to_owned()))
+        );
+    }
+
+    #[test]
+    fn scanned_offset_resumes_the_nul_search() {
+        let mut d = decoder();
+        d.feed(b"SEND\ndestination:/topic/a\n\nab");
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.head.as_ref().map(|h| h.scanned), Some(2));
+        d.feed(b"c\0");
+        assert_eq!(d.next_frame().unwrap().unwrap().body.as_ref(), b"abc");
+        assert_eq!(d.buffered(), 0);
+    }
+}
