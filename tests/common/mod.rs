@@ -1,0 +1,457 @@
+//! Shared by the end-to-end tests: a gateway started in-process on
+//! 127.0.0.1:0 against the real RabbitMQ, a WebSocket STOMP client, and the
+//! RabbitMQ management API. Every wait is bounded and fails with a message.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use stompgate::broker::amqp::AmqpBroker;
+use stompgate::config::Config;
+use stompgate::server;
+use stompgate::stomp::frame::{encode, Decoder, Frame, Limits};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const MGMT: &str = "http://127.0.0.1:15672/api";
+
+/// How long any single expected event may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A name no other test (or earlier run) uses: for routing keys, node ids.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}x{:04x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u16>()
+    )
+}
+
+/// Fails the test with a clear message when RabbitMQ is not there.
+pub async fn require_rabbitmq() {
+    for (port, what) in [(5672, "AMQP"), (15672, "management API")] {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            panic!(
+                "RabbitMQ {what} is not reachable on 127.0.0.1:{port}. These tests need a real \
+                 RabbitMQ with the management plugin: run scripts/test (it starts one), or \
+                 `rabbitmq-server -detached && rabbitmq-plugins enable rabbitmq_management`."
+            );
+        }
+    }
+}
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub config: Arc<Config>,
+    shutdown: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Gateway {
+    pub async fn start() -> Gateway {
+        Gateway::start_with(|_| {}).await
+    }
+
+    /// Starts a gateway with the defaults, a unique node id and whatever
+    /// `adjust` changes.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Gateway {
+        require_rabbitmq().await;
+        let mut config = Config::defaults().expect("default config is valid");
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.server.node_id = unique("t");
+        config.amqp.url = AMQP_URL.to_owned();
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().unwrap();
+        let broker = AmqpBroker::new(&config.amqp, &config.server.node_id).expect("broker pool");
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(server::run(
+            listener,
+            config.clone(),
+            broker,
+            shutdown.clone(),
+        ));
+        Gateway {
+            addr,
+            config,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Queue names of this gateway start with this.
+    pub fn queue_prefix(&self) -> String {
+        format!("stompgate.{}.", self.config.server.node_id)
+    }
+
+    pub fn queue_of(&self, session: &str) -> String {
+        format!("{}{session}", self.queue_prefix())
+    }
+
+    /// Begins shutdown (SIGTERM's effect) without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits for the server task, bounded.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("gateway did not stop within 30 s")
+            .expect("gateway task panicked");
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the client saw instead of a frame.
+#[derive(Debug)]
+pub enum Closed {
+    /// A close frame with this code.
+    Code(u16),
+    /// The stream ended without a close frame.
+    Dropped,
+}
+
+/// A STOMP client over a real WebSocket, using the crate's own codec for
+/// convenience; tests/codec.rs checks that codec on its own, and other
+/// tests pin exact bytes where they matter.
+pub struct Client {
+    pub ws: Ws,
+    decoder: Decoder,
+    pub subprotocol: Option<String>,
+    /// Text or binary, for each frame received (in order).
+    pub kinds: Vec<&'static str>,
+    pub heartbeats: usize,
+}
+
+impl Client {
+    /// Opens the WebSocket only, offering `v12.stomp`.
+    pub async fn open(gw: &Gateway) -> Client {
+        Client::open_with(gw, Some("v12.stomp, v11.stomp, v10.stomp"), None).await
+    }
+
+    pub async fn open_with(gw: &Gateway, protocols: Option<&str>, origin: Option<&str>) -> Client {
+        let mut request = gw.ws_url().into_client_request().unwrap();
+        if let Some(p) = protocols {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", p.parse().unwrap());
+        }
+        if let Some(o) = origin {
+            request.headers_mut().insert("origin", o.parse().unwrap());
+        }
+        let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("WebSocket handshake timed out")
+            .expect("WebSocket handshake failed");
+        let subprotocol = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_owned());
+        Client {
+            ws,
+            decoder: Decoder::new(Limits {
+                max_frame_bytes: 64 << 20,
+                max_headers: 1000,
+                max_header_bytes: 1 << 20,
+            }),
+            subprotocol,
+            kinds: Vec::new(),
+            heartbeats: 0,
+        }
+    }
+
+    /// Opens and sends CONNECT (STOMP 1.2, no heart-beats); returns the
+    /// client and the session id from CONNECTED.
+    pub async fn connect(gw: &Gateway) -> (Client, String) {
+        let mut client = Client::open(gw).await;
+        let session = client
+            .handshake(Frame::new("CONNECT").header("accept-version", "1.2").header("host", "/"))
+            .await;
+        (client, session)
+    }
+
+    pub async fn handshake(&mut self, connect: Frame) -> String {
+        self.send_frame(&connect).await;
+        let connected = self.recv().await;
+        assert_eq!(connected.command, "CONNECTED", "{connected:?}");
+        connected.get("session").expect("session header").to_owned()
+    }
+
+    pub async fn send_frame(&mut self, frame: &Frame) {
+        self.send_raw(&encode(frame, true)).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let message = match std::str::from_utf8(bytes) {
+            Ok(text) => Message::text(text),
+            Err(_) => Message::binary(Bytes::copy_from_slice(bytes)),
+        };
+        self.ws.send(message).await.expect("WebSocket send");
+    }
+
+    /// The next frame, or why none came: the connection closed.
+    pub async fn next(&mut self, wait: Duration) -> Result<Frame, Closed> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(frame) = self.decoder.next_frame().expect("server frame decodes") {
+                return Ok(frame);
+            }
+            let message = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no frame from the gateway within {wait:?}"));
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    if text.as_str() == "\n" || text.as_str() == "\r\n" {
+                        self.heartbeats += 1;
+                    } else {
+                        self.kinds.push("text");
+                    }
+                    self.decoder.feed(text.as_bytes());
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    self.kinds.push("binary");
+                    self.decoder.feed(&data);
+                }
+                Some(Ok(Message::Close(close))) => {
+                    return Err(Closed::Code(close.map_or(1005, |c| u16::from(c.code))))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(Closed::Dropped),
+            }
+        }
+    }
+
+    /// The next frame; fails the test when the connection closes instead.
+    pub async fn recv(&mut self) -> Frame {
+        match self.next(WAIT).await {
+            Ok(frame) => frame,
+            Err(closed) => panic!("connection closed ({closed:?}) while a frame was expected"),
+        }
+    }
+
+    /// The next MESSAGE; fails on anything else.
+    pub async fn recv_message(&mut self) -> Frame {
+        let frame = self.recv().await;
+        assert_eq!(frame.command, "MESSAGE", "expected MESSAGE, got {frame:?}");
+        frame
+    }
+
+    /// Expects an ERROR frame and then the close; returns the ERROR.
+    pub async fn expect_error(&mut self) -> Frame {
+        let frame = self.recv().await;
+        assert_eq!(frame.command, "ERROR", "expected ERROR, got {frame:?}");
+        self.expect_closed().await;
+        frame
+    }
+
+    /// Expects the connection to close with no further frame.
+    pub async fn expect_closed(&mut self) -> Closed {
+        match self.next(WAIT).await {
+            Ok(frame) => panic!("expected the connection to close, got {frame:?}"),
+            Err(closed) => closed,
+        }
+    }
+
+    /// SUBSCRIBE and wait for its RECEIPT, so the binding exists.
+    pub async fn subscribe(&mut self, id: &str, destination: &str) {
+        self.subscribe_with(id, destination, "auto").await;
+    }
+
+    pub async fn subscribe_with(&mut self, id: &str, destination: &str, ack: &str) {
+        let receipt = format!("sub-{id}");
+        self.send_frame(
+            &Frame::new("SUBSCRIBE")
+                .header("id", id)
+                .header("destination", destination)
+                .header("ack", ack)
+                .header("receipt", receipt.as_str()),
+        )
+        .await;
+        self.expect_receipt(&receipt).await;
+    }
+
+    pub async fn unsubscribe(&mut self, id: &str) {
+        let receipt = format!("unsub-{id}");
+        self.send_frame(
+            &Frame::new("UNSUBSCRIBE")
+                .header("id", id)
+                .header("receipt", receipt.as_str()),
+        )
+        .await;
+        self.expect_receipt(&receipt).await;
+    }
+
+    pub async fn expect_receipt(&mut self, id: &str) -> Frame {
+        let frame = self.recv().await;
+        assert_eq!(frame.command, "RECEIPT", "expected RECEIPT {id}, got {frame:?}");
+        assert_eq!(frame.get("receipt-id"), Some(id));
+        frame
+    }
+
+    /// SEND without a receipt.
+    pub async fn send(&mut self, destination: &str, body: &str) {
+        self.send_frame(
+            &Frame::new("SEND")
+                .header("destination", destination)
+                .body(Bytes::copy_from_slice(body.as_bytes())),
+        )
+        .await;
+    }
+
+    /// SEND with a receipt; returns the RECEIPT (after the broker's confirm).
+    pub async fn send_confirmed(&mut self, destination: &str, body: &str) -> Frame {
+        let receipt = unique("r");
+        self.send_frame(
+            &Frame::new("SEND")
+                .header("destination", destination)
+                .header("receipt", receipt.as_str())
+                .body(Bytes::copy_from_slice(body.as_bytes())),
+        )
+        .await;
+        self.expect_receipt(&receipt).await
+    }
+
+    /// DISCONNECT with a receipt, then the close.
+    pub async fn disconnect(mut self) {
+        self.send_frame(&Frame::new("DISCONNECT").header("receipt", "bye"))
+            .await;
+        self.expect_receipt("bye").await;
+        self.expect_closed().await;
+    }
+}
+
+pub fn body_text(frame: &Frame) -> &str {
+    std::str::from_utf8(&frame.body).expect("UTF-8 body")
+}
+
+/// The RabbitMQ management API (guest/guest).
+pub struct Management {
+    http: reqwest::Client,
+}
+
+impl Management {
+    pub fn new() -> Management {
+        Management {
+            http: reqwest::Client::builder()
+                .timeout(WAIT)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let response = self
+            .http
+            .get(format!("{MGMT}{path}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API reachable");
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert!(
+            response.status().is_success(),
+            "management API {path}: {}",
+            response.status()
+        );
+        Some(response.json().await.expect("management API JSON"))
+    }
+
+    /// Names of the queues whose name starts with `prefix`.
+    pub async fn queues(&self, prefix: &str) -> Vec<String> {
+        let queues = self
+            .get("/queues/%2f?columns=name")
+            .await
+            .expect("queue list");
+        queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub async fn queue(&self, name: &str) -> Option<serde_json::Value> {
+        self.get(&format!("/queues/%2f/{name}")).await
+    }
+
+    /// (exchange, routing key) of the queue's bindings, leaving out the
+    /// default exchange's implicit one; sorted.
+    pub async fn bindings(&self, queue: &str) -> Vec<(String, String)> {
+        let list = self
+            .get(&format!("/queues/%2f/{queue}/bindings"))
+            .await
+            .unwrap_or_default();
+        let mut bindings: Vec<(String, String)> = list
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|b| b["source"] != "")
+            .map(|b| {
+                (
+                    b["source"].as_str().unwrap().to_owned(),
+                    b["routing_key"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        bindings.sort();
+        bindings
+    }
+
+    /// Polls until no queue starts with `prefix`, failing after `within`.
+    pub async fn wait_no_queues(&self, prefix: &str, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = self.queues(prefix).await;
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queues still present after {within:?}: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A direct AMQP connection, as "any AMQP client" in the interop tests.
+pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    require_rabbitmq().await;
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("AMQP connection");
+    let channel = connection.create_channel().await.expect("AMQP channel");
+    (connection, channel)
+}
