@@ -248,6 +248,22 @@ impl Client {
         }
     }
 
+    /// Reads until `n` heart-beats have arrived in all; fails on a frame.
+    pub async fn wait_heartbeats(&mut self, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.heartbeats < n {
+            let message = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{} of {n} heart-beats within {within:?}", self.heartbeats)
+                });
+            match message {
+                Some(Ok(Message::Text(text))) if text.as_str() == "\n" => self.heartbeats += 1,
+                other => panic!("expected a heart-beat, got {other:?}"),
+            }
+        }
+    }
+
     /// The next frame; fails the test when the connection closes instead.
     pub async fn recv(&mut self) -> Frame {
         match self.next(WAIT).await {
