@@ -154,6 +154,18 @@ fn frame_size_limit_applies_before_the_frame_ends() {
     d.feed(b"SEND\n\n");
     d.feed(&[b'a'; 4096]);
     assert_eq!(d.next_frame(), Err(FrameError::TooLarge { limit: 4096 }));
+    // Complete, NUL and all, in one piece: still too large.
+    let mut d = decoder();
+    d.feed(b"SEND\n\n");
+    d.feed(&[b'a'; 4096]);
+    d.feed(b"\0");
+    assert_eq!(d.next_frame(), Err(FrameError::TooLarge { limit: 4096 }));
+    // Exactly at the limit is fine.
+    let mut d = decoder();
+    d.feed(b"SEND\n\n");
+    d.feed(&[b'a'; 4096 - 7]);
+    d.feed(b"\0");
+    assert_eq!(d.next_frame().unwrap().unwrap().body.len(), 4096 - 7);
     // A declared length over the limit fails at once, without waiting.
     let mut d = decoder();
     d.feed(b"SEND\ncontent-length:100000\n\n");

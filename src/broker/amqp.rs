@@ -92,18 +92,18 @@ impl Broker for AmqpBroker {
         let queue = format!("stompgate.{}.{session_id}", self.node_id);
         let opening = async {
             let connection = self.connection().await?;
-            let channel = connection.create_channel().await.map_err(unavailable)?;
+            let channel = connection.create_channel().await.map_err(classify)?;
             // The channel lives on after the pool object goes back: the
             // pool hands the same connection to many sessions.
             drop(connection);
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
                 .await
-                .map_err(refused)?;
+                .map_err(classify)?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
-                .map_err(refused)?;
+                .map_err(classify)?;
             let options = QueueDeclareOptions {
                 exclusive: true,
                 auto_delete: true,
@@ -112,7 +112,7 @@ impl Broker for AmqpBroker {
             channel
                 .queue_declare(short(&queue)?, options, FieldTable::default())
                 .await
-                .map_err(refused)?;
+                .map_err(classify)?;
             let consumer = channel
                 .basic_consume(
                     short(&queue)?,
@@ -121,7 +121,7 @@ impl Broker for AmqpBroker {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(refused)?;
+                .map_err(classify)?;
             Ok::<_, BrokerError>((channel, consumer))
         };
         let (channel, consumer) = tokio::time::timeout(self.connect_timeout * 2, opening)
@@ -155,7 +155,7 @@ pub type AmqpConfirm = Map<
 >;
 
 fn confirmed(result: lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError> {
-    match result.map_err(unavailable)? {
+    match result.map_err(classify)? {
         Confirmation::Ack(None) => Ok(Confirmed::Routed),
         Confirmation::Ack(Some(_returned)) => Ok(Confirmed::Unroutable),
         Confirmation::Nack(_) => Err(BrokerError::Nacked),
@@ -182,7 +182,7 @@ impl BrokerSession for AmqpSession {
                 FieldTable::default(),
             )
             .await
-            .map_err(refused)
+            .map_err(classify)
     }
 
     async fn unbind(&mut self, route: &Route) -> Result<(), BrokerError> {
@@ -194,7 +194,7 @@ impl BrokerSession for AmqpSession {
                 FieldTable::default(),
             )
             .await
-            .map_err(refused)
+            .map_err(classify)
     }
 
     async fn publish(&mut self, message: Publish) -> Result<AmqpConfirm, BrokerError> {
@@ -213,7 +213,7 @@ impl BrokerSession for AmqpSession {
                 properties,
             )
             .await
-            .map_err(refused)?;
+            .map_err(classify)?;
         Ok(confirm.map(confirmed as fn(_) -> _))
     }
 
@@ -221,7 +221,7 @@ impl BrokerSession for AmqpSession {
         // Consumer is a Stream: next() is cancel-safe.
         let delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
-            Err(e) => return Some(Err(unavailable(e))),
+            Err(e) => return Some(Err(classify(e))),
         };
         Some(Ok(Delivery {
             tag: delivery.delivery_tag,
@@ -237,7 +237,7 @@ impl BrokerSession for AmqpSession {
         self.channel
             .basic_ack(tag, BasicAckOptions::default())
             .await
-            .map_err(unavailable)
+            .map_err(classify)
     }
 
     async fn nack(&mut self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
@@ -248,7 +248,7 @@ impl BrokerSession for AmqpSession {
         self.channel
             .basic_nack(tag, options)
             .await
-            .map_err(unavailable)
+            .map_err(classify)
     }
 
     async fn close(self) {
@@ -269,12 +269,18 @@ impl BrokerSession for AmqpSession {
     }
 }
 
-fn unavailable(e: lapin::Error) -> BrokerError {
-    BrokerError::Unavailable(e.to_string())
-}
-
-fn refused(e: lapin::Error) -> BrokerError {
-    BrokerError::Refused(e.to_string())
+/// Sorts lapin's errors into the port's: a channel-level error from the
+/// broker (NOT_FOUND, ACCESS_REFUSED, PRECONDITION_FAILED…) was caused by
+/// what the client asked for; anything else means the broker is gone.
+fn classify(e: lapin::Error) -> BrokerError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) =>
+        {
+            BrokerError::Refused(amqp.to_string())
+        }
+        _ => BrokerError::Unavailable(e.to_string()),
+    }
 }
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {

@@ -178,7 +178,8 @@ impl Decoder {
             None => {
                 let from = head.body_start + head.scanned;
                 match self.buf[from..].iter().position(|&b| b == 0) {
-                    Some(offset) => from + offset,
+                    Some(offset) if from + offset < max => from + offset,
+                    Some(_) => return Err(FrameError::TooLarge { limit: max }),
                     None => {
                         head.scanned = self.buf.len() - head.body_start;
                         if self.buf.len() > max {
