@@ -445,6 +445,39 @@ impl Management {
         bindings
     }
 
+    /// Polls the AMQP connection named `name` until `ready` accepts it. The
+    /// API lists connections from statistics that lag by seconds, so a
+    /// connection may be missing at first; that counts as not ready.
+    pub async fn wait_connection(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let connections = self
+                .get("/connections?columns=client_properties,channels,name")
+                .await
+                .expect("connection list");
+            let found = connections
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["client_properties"]["connection_name"] == name)
+                .cloned();
+            match found {
+                Some(c) if ready(&c) => return c,
+                last => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "AMQP connection {name:?}: not {what} within {within:?} (last seen: {last:?})"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Polls until no queue starts with `prefix`, failing after `within`.
     pub async fn wait_no_queues(&self, prefix: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
