@@ -1,0 +1,68 @@
+//! The source document's third caveat: each subscriber's queue works on
+//! its own. A subscriber that stops reading holds its messages in its own
+//! RabbitMQ queue, and the others on the same channel are not slowed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{unique, Client, Gateway, Management};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_does_not_slow_the_others() {
+    let gw = Gateway::start_with(|c| c.amqp.prefetch = 16).await;
+    let mgmt = Management::new();
+    let key = unique("slow");
+    let dest = format!("/topic/{key}");
+    let (mut stalled, stalled_session) = Client::connect(&gw).await;
+    stalled.subscribe("s", &dest).await;
+    let (mut reader, _) = Client::connect(&gw).await;
+    reader.subscribe("s", &dest).await;
+
+    // 400 × 64 KiB = 25 MiB: far more than socket buffers hold, so the
+    // stalled client's session blocks on its writes.
+    let count = 400;
+    let body = "n".repeat(64 * 1024);
+    let (mut writer, _) = Client::connect(&gw).await;
+    for i in 0..count {
+        writer.send(&dest, &format!("{i:04}{body}")).await;
+    }
+    let receipt = writer.send_confirmed(&dest, "last").await;
+    assert_eq!(receipt.get("routed"), Some("true"));
+
+    // The reader gets everything while `stalled` reads nothing.
+    for i in 0..count {
+        let message = reader.recv_message().await;
+        assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+    }
+    assert_eq!(reader.recv_message().await.body.as_ref(), b"last");
+
+    // The stalled subscriber's backlog waits in RabbitMQ, not in the
+    // gateway (at most the prefetch is out of the queue).
+    let queue = gw.queue_of(&stalled_session);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = mgmt.queue(&queue).await.unwrap()["messages_ready"]
+            .as_u64()
+            .unwrap_or(0);
+        if ready > 300 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stalled subscriber's queue holds only {ready} ready messages"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // When it reads again it gets everything, in order: nothing was lost.
+    for i in 0..count {
+        let message = stalled.recv_message().await;
+        assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+    }
+    assert_eq!(stalled.recv_message().await.body.as_ref(), b"last");
+    for client in [stalled, reader, writer] {
+        client.disconnect().await;
+    }
+    gw.stop().await;
+}
