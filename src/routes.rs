@@ -96,10 +96,8 @@ fn upgrade<B: Broker>(
         .max_frame_size(max)
         .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx)));
     match subprotocol {
-        Some(version) => {
-            reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
-                .into_response()
-        }
+        Some(version) => reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
+            .into_response(),
         // A client that offered no STOMP subprotocol (stomp.py) still gets
         // STOMP; the version then comes from CONNECT's accept-version.
         None => reply.into_response(),
@@ -131,7 +129,10 @@ mod tests {
     #[test]
     fn highest_offered_subprotocol_wins() {
         let mut headers = HeaderMap::new();
-        headers.append("sec-websocket-protocol", "v10.stomp, v11.stomp".parse().unwrap());
+        headers.append(
+            "sec-websocket-protocol",
+            "v10.stomp, v11.stomp".parse().unwrap(),
+        );
         headers.append("sec-websocket-protocol", "v12.stomp".parse().unwrap());
         assert_eq!(pick_subprotocol(&headers), Some(Version::V1_2));
         let mut other = HeaderMap::new();

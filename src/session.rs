@@ -464,7 +464,9 @@ impl<S: BrokerSession> Session<S> {
         loop {
             let far = Instant::now() + Duration::from_secs(86_400);
             let heartbeat_due = self.send_every.map_or(far, |d| self.conn.last_write + d);
-            let silence_limit = self.expect_every.map_or(far, |d| self.conn.last_read + d * 2);
+            let silence_limit = self
+                .expect_every
+                .map_or(far, |d| self.conn.last_read + d * 2);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -589,7 +591,8 @@ impl<S: BrokerSession> Session<S> {
                         "more than stomp.max_transactions ({limit}) open transactions"
                     )));
                 }
-                self.transactions.insert(transaction, Transaction::default());
+                self.transactions
+                    .insert(transaction, Transaction::default());
             }
             ClientCommand::Commit { transaction } => {
                 let tx = self.take_transaction(&transaction)?;
@@ -683,10 +686,7 @@ impl<S: BrokerSession> Session<S> {
         }
         let destination =
             Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
-        let users = self
-            .bindings
-            .entry(destination.route.clone())
-            .or_insert(0);
+        let users = self.bindings.entry(destination.route.clone()).or_insert(0);
         if *users == 0 {
             if let Err(e) = self.broker.bind(&destination.route).await {
                 self.bindings.remove(&destination.route);
@@ -758,7 +758,10 @@ impl<S: BrokerSession> Session<S> {
                 .header("message-id", number.to_string())
                 .header(
                     "destination",
-                    format!("{}{}", subscription.destination.prefix, delivery.routing_key),
+                    format!(
+                        "{}{}",
+                        subscription.destination.prefix, delivery.routing_key
+                    ),
                 );
             if subscription.ack.needs_ack() {
                 frame = frame.header("ack", number.to_string());

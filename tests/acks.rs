@@ -13,9 +13,7 @@ async fn gateway_with_prefetch(prefetch: u16) -> Gateway {
 
 async fn ack(client: &mut Client, message: &Frame) {
     let id = message.get("ack").expect("ack header in client modes");
-    client
-        .send_frame(&Frame::new("ACK").header("id", id))
-        .await;
+    client.send_frame(&Frame::new("ACK").header("id", id)).await;
 }
 
 /// Auto mode: the gateway acks once the MESSAGE is written, so far more
@@ -33,7 +31,11 @@ async fn auto_mode_acks_for_the_client() {
     for i in 0..20 {
         let message = reader.recv_message().await;
         assert_eq!(body_text(&message), i.to_string());
-        assert_eq!(message.get("ack"), None, "auto mode MESSAGE has no ack header");
+        assert_eq!(
+            message.get("ack"),
+            None,
+            "auto mode MESSAGE has no ack header"
+        );
     }
     reader.disconnect().await;
     writer.disconnect().await;
@@ -51,7 +53,9 @@ async fn client_individual_acks_one_at_a_time() {
         .await;
     let (mut writer, _) = Client::connect(&gw).await;
     for i in 0..6 {
-        writer.send_confirmed(&format!("/topic/{key}"), &i.to_string()).await;
+        writer
+            .send_confirmed(&format!("/topic/{key}"), &i.to_string())
+            .await;
     }
     let mut first: Vec<Frame> = Vec::new();
     for i in 0..3 {
@@ -61,7 +65,11 @@ async fn client_individual_acks_one_at_a_time() {
     }
     // Prefetch is full: the next frame is the marker's receipt, no MESSAGE.
     reader
-        .send_frame(&Frame::new("BEGIN").header("transaction", "m").header("receipt", "mark"))
+        .send_frame(
+            &Frame::new("BEGIN")
+                .header("transaction", "m")
+                .header("receipt", "mark"),
+        )
         .await;
     reader.expect_receipt("mark").await;
     // ACK the middle one: exactly one more arrives.
@@ -88,7 +96,9 @@ async fn client_mode_ack_is_cumulative() {
         .await;
     let (mut writer, _) = Client::connect(&gw).await;
     for i in 0..6 {
-        writer.send_confirmed(&format!("/topic/{key}"), &i.to_string()).await;
+        writer
+            .send_confirmed(&format!("/topic/{key}"), &i.to_string())
+            .await;
     }
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -114,7 +124,9 @@ async fn nack_redelivers() {
         .subscribe_with("s", &format!("/topic/{key}"), "client-individual")
         .await;
     let (mut writer, _) = Client::connect(&gw).await;
-    writer.send_confirmed(&format!("/topic/{key}"), "try again").await;
+    writer
+        .send_confirmed(&format!("/topic/{key}"), "try again")
+        .await;
     let first = reader.recv_message().await;
     assert_eq!(first.get("redelivered"), None);
     reader
@@ -123,7 +135,11 @@ async fn nack_redelivers() {
     let again = reader.recv_message().await;
     assert_eq!(body_text(&again), "try again");
     assert_eq!(again.get("redelivered"), Some("true"));
-    assert_ne!(again.get("ack"), first.get("ack"), "a new delivery, a new ack id");
+    assert_ne!(
+        again.get("ack"),
+        first.get("ack"),
+        "a new delivery, a new ack id"
+    );
     ack(&mut reader, &again).await;
     reader.disconnect().await;
     writer.disconnect().await;
@@ -157,7 +173,11 @@ async fn transactions_commit_and_abort_sends() {
     writer.send_confirmed(&dest, "outside").await;
     assert_eq!(body_text(&reader.recv_message().await), "outside");
     writer
-        .send_frame(&Frame::new("COMMIT").header("transaction", "t1").header("receipt", "c1"))
+        .send_frame(
+            &Frame::new("COMMIT")
+                .header("transaction", "t1")
+                .header("receipt", "c1"),
+        )
         .await;
     writer.expect_receipt("c1").await;
     assert_eq!(body_text(&reader.recv_message().await), "a");
@@ -175,7 +195,11 @@ async fn transactions_commit_and_abort_sends() {
         )
         .await;
     writer
-        .send_frame(&Frame::new("ABORT").header("transaction", "t2").header("receipt", "a2"))
+        .send_frame(
+            &Frame::new("ABORT")
+                .header("transaction", "t2")
+                .header("receipt", "a2"),
+        )
         .await;
     writer.expect_receipt("a2").await;
     writer.send_confirmed(&dest, "after abort").await;
@@ -264,7 +288,11 @@ async fn transaction_limits_and_unknown_transactions() {
 
     let (mut client, _) = Client::connect(&gw).await;
     client
-        .send_frame(&Frame::new("COMMIT").header("transaction", "never").header("receipt", "x"))
+        .send_frame(
+            &Frame::new("COMMIT")
+                .header("transaction", "never")
+                .header("receipt", "x"),
+        )
         .await;
     let error = client.expect_error().await;
     assert_eq!(error.get("receipt-id"), Some("x"));

@@ -52,7 +52,10 @@ async fn amqp_publisher_reaches_stomp_subscribers() {
 
     let message = reader.recv_message().await;
     assert_eq!(body_text(&message), r#"{"paper":"no01"}"#);
-    assert_eq!(message.get("destination"), Some(format!("/topic/{key}").as_str()));
+    assert_eq!(
+        message.get("destination"),
+        Some(format!("/topic/{key}").as_str())
+    );
     for (name, value) in [
         ("content-type", "application/json"),
         ("correlation-id", "corr-1"),
@@ -140,11 +143,17 @@ async fn stomp_send_reaches_amqp_consumers_with_its_headers() {
     assert_eq!(delivery.data, b"from STOMP");
     assert_eq!(delivery.routing_key.as_str(), key);
     let p = &delivery.properties;
-    assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("text/plain"));
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("text/plain")
+    );
     assert_eq!(*p.delivery_mode(), Some(2));
     assert_eq!(*p.priority(), Some(5));
     assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("c-9"));
-    assert_eq!(p.reply_to().as_ref().map(|s| s.as_str()), Some("/topic/back"));
+    assert_eq!(
+        p.reply_to().as_ref().map(|s| s.as_str()),
+        Some("/topic/back")
+    );
     assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("30000"));
     let headers = p.headers().as_ref().expect("AMQP headers");
     let x_paper = headers.inner().get("x-paper").expect("x-paper header");
@@ -165,7 +174,11 @@ async fn stomp_send_reaches_amqp_consumers_with_its_headers() {
 #[tokio::test]
 async fn invalid_property_headers_are_refused() {
     let gw = Gateway::start().await;
-    for (name, value) in [("priority", "high"), ("expiration", "-1"), ("persistent", "yes")] {
+    for (name, value) in [
+        ("priority", "high"),
+        ("expiration", "-1"),
+        ("persistent", "yes"),
+    ] {
         let (mut client, _) = Client::connect(&gw).await;
         client
             .send_frame(

@@ -14,7 +14,9 @@ async fn assert_still_serving(gw: &Gateway) {
     let (mut reader, _) = Client::connect(gw).await;
     reader.subscribe("s", &format!("/topic/{key}")).await;
     let (mut writer, _) = Client::connect(gw).await;
-    let receipt = writer.send_confirmed(&format!("/topic/{key}"), "still here").await;
+    let receipt = writer
+        .send_confirmed(&format!("/topic/{key}"), "still here")
+        .await;
     assert_eq!(receipt.get("routed"), Some("true"));
     assert_eq!(body_text(&reader.recv_message().await), "still here");
     reader.disconnect().await;
@@ -47,7 +49,12 @@ async fn garbage_bytes() {
 #[tokio::test]
 async fn unknown_command() {
     let gw = Gateway::start().await;
-    let error = error_for(&gw, true, b"PUBLISH\ndestination:/topic/x\nreceipt:r9\n\n\0").await;
+    let error = error_for(
+        &gw,
+        true,
+        b"PUBLISH\ndestination:/topic/x\nreceipt:r9\n\n\0",
+    )
+    .await;
     assert_eq!(error.get("message"), Some("unknown command"));
     assert_eq!(error.get("receipt-id"), Some("r9"));
     assert!(body_text(&error).contains("PUBLISH"));
@@ -68,7 +75,12 @@ async fn send_before_connect() {
 #[tokio::test]
 async fn subscribe_without_id() {
     let gw = Gateway::start().await;
-    let error = error_for(&gw, true, b"SUBSCRIBE\ndestination:/topic/x\nreceipt:s1\n\n\0").await;
+    let error = error_for(
+        &gw,
+        true,
+        b"SUBSCRIBE\ndestination:/topic/x\nreceipt:s1\n\n\0",
+    )
+    .await;
     assert_eq!(error.get("message"), Some("missing header"));
     assert_eq!(error.get("receipt-id"), Some("s1"));
     assert!(body_text(&error).contains("\"id\""));
@@ -92,7 +104,10 @@ async fn wildcard_in_send_key() {
 #[tokio::test]
 async fn bad_destinations() {
     let gw = Gateway::start().await;
-    let long = format!("SUBSCRIBE\nid:1\ndestination:/topic/{}\n\n\0", "k".repeat(300));
+    let long = format!(
+        "SUBSCRIBE\nid:1\ndestination:/topic/{}\n\n\0",
+        "k".repeat(300)
+    );
     let error = error_for(&gw, true, long.as_bytes()).await;
     assert!(body_text(&error).contains("255 bytes"), "{error:?}");
     let error = error_for(&gw, true, b"SUBSCRIBE\nid:1\ndestination:/queue/x\n\n\0").await;
@@ -100,7 +115,10 @@ async fn bad_destinations() {
     let error = error_for(&gw, true, b"SUBSCRIBE\nid:1\ndestination:/pub/no01\n\n\0").await;
     assert!(body_text(&error).contains("/pub/ is for SEND"));
     // An exchange that does not exist: RabbitMQ refuses, the client is told.
-    let frame = format!("SEND\ndestination:/exchange/{}/k\nreceipt:e\n\nx\0", unique("nope"));
+    let frame = format!(
+        "SEND\ndestination:/exchange/{}/k\nreceipt:e\n\nx\0",
+        unique("nope")
+    );
     let error = error_for(&gw, true, frame.as_bytes()).await;
     assert_eq!(error.get("message"), Some("broker error"));
     assert!(body_text(&error).contains("NOT_FOUND"), "{error:?}");
@@ -189,10 +207,9 @@ async fn origin_not_allowed_is_refused_with_403() {
         c.server.allowed_origins = vec!["https://news.example".to_owned()];
     })
     .await;
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        gw.ws_url(),
-    )
-    .unwrap();
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(gw.ws_url())
+            .unwrap();
     request
         .headers_mut()
         .insert("origin", "https://evil.example".parse().unwrap());
@@ -245,7 +262,10 @@ async fn subprotocol_negotiation() {
     old.recv().await;
     old.send(&format!("/topic/{key}"), "for 1.0").await;
     let message = legacy.recv_message().await;
-    assert_eq!(message.get("subscription"), Some(format!("/topic/{key}").as_str()));
+    assert_eq!(
+        message.get("subscription"),
+        Some(format!("/topic/{key}").as_str())
+    );
     old.disconnect().await;
     legacy.disconnect().await;
     gw.stop().await;

@@ -94,7 +94,10 @@ fn content_length_body_holds_nuls_and_must_end_with_nul() {
     assert_eq!(d.next_frame(), Err(FrameError::MissingNul));
     let mut d = decoder();
     d.feed(b"SEND\ncontent-length:x\n\n\0");
-    assert!(matches!(d.next_frame(), Err(FrameError::BadContentLength(_))));
+    assert!(matches!(
+        d.next_frame(),
+        Err(FrameError::BadContentLength(_))
+    ));
 }
 
 #[test]
@@ -118,7 +121,10 @@ fn undefined_escape_is_an_error() {
 fn connect_headers_are_not_unescaped() {
     let mut d = decoder();
     d.feed(b"CONNECT\npasscode:a\\tb\n\n\0");
-    assert_eq!(d.next_frame().unwrap().unwrap().get("passcode"), Some("a\\tb"));
+    assert_eq!(
+        d.next_frame().unwrap().unwrap().get("passcode"),
+        Some("a\\tb")
+    );
 }
 
 #[test]
@@ -185,11 +191,17 @@ fn header_count_and_length_limits() {
 
     let mut d = decoder();
     d.feed(format!("SEND\nx:{}\n\n\0", "v".repeat(300)).as_bytes());
-    assert_eq!(d.next_frame(), Err(FrameError::HeaderTooLong { limit: 256 }));
+    assert_eq!(
+        d.next_frame(),
+        Err(FrameError::HeaderTooLong { limit: 256 })
+    );
     // An over-long line is refused before its end arrives.
     let mut d = decoder();
     d.feed(format!("SEND\nx:{}", "v".repeat(300)).as_bytes());
-    assert_eq!(d.next_frame(), Err(FrameError::HeaderTooLong { limit: 256 }));
+    assert_eq!(
+        d.next_frame(),
+        Err(FrameError::HeaderTooLong { limit: 256 })
+    );
 }
 
 #[test]

@@ -22,9 +22,13 @@ async fn newspaper_readers_get_exactly_their_paper_in_order() {
 
     let (mut publisher, _) = Client::connect(&gw).await;
     for i in 0..20 {
-        publisher.send("/topic/no01", &format!("no01 issue {i}")).await;
+        publisher
+            .send("/topic/no01", &format!("no01 issue {i}"))
+            .await;
     }
-    let receipt = publisher.send_confirmed("/topic/no02", "no02 issue 0").await;
+    let receipt = publisher
+        .send_confirmed("/topic/no02", "no02 issue 0")
+        .await;
     assert_eq!(receipt.get("routed"), Some("true"));
 
     for reader in [&mut user1, &mut user2] {
@@ -62,7 +66,10 @@ async fn sub_and_pub_names_work_like_topic() {
     assert_eq!(receipt.get("routed"), Some("true"));
     let message = reader.recv_message().await;
     assert_eq!(body_text(&message), "hello");
-    assert_eq!(message.get("destination"), Some(format!("/sub/{key}").as_str()));
+    assert_eq!(
+        message.get("destination"),
+        Some(format!("/sub/{key}").as_str())
+    );
     // /topic/ reaches /sub/ readers too: one exchange behind both.
     writer.send(&format!("/topic/{key}"), "via topic").await;
     assert_eq!(body_text(&reader.recv_message().await), "via topic");
@@ -78,10 +85,14 @@ async fn overlapping_and_wildcard_subscriptions_each_get_a_copy() {
     let gw = Gateway::start().await;
     let root = unique("news");
     let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("exact", &format!("/topic/{root}.sport")).await;
+    reader
+        .subscribe("exact", &format!("/topic/{root}.sport"))
+        .await;
     reader.subscribe("star", &format!("/topic/{root}.*")).await;
     reader.subscribe("hash", &format!("/topic/{root}.#")).await;
-    reader.subscribe("same", &format!("/topic/{root}.sport")).await;
+    reader
+        .subscribe("same", &format!("/topic/{root}.sport"))
+        .await;
 
     let (mut writer, _) = Client::connect(&gw).await;
     writer.send(&format!("/topic/{root}.sport"), "goal").await;
@@ -98,7 +109,9 @@ async fn overlapping_and_wildcard_subscriptions_each_get_a_copy() {
     assert_eq!(subscriptions, ["exact", "star", "hash", "same"]);
 
     // Two levels deep: only '#' matches.
-    writer.send(&format!("/topic/{root}.sport.football"), "deep").await;
+    writer
+        .send(&format!("/topic/{root}.sport.football"), "deep")
+        .await;
     let message = reader.recv_message().await;
     assert_eq!(message.get("subscription"), Some("hash"));
     assert_eq!(body_text(&message), "deep");
@@ -120,12 +133,16 @@ async fn receipts_tell_routed_and_unroutable() {
     let gw = Gateway::start().await;
     let key = unique("nobody");
     let (mut writer, _) = Client::connect(&gw).await;
-    let receipt = writer.send_confirmed(&format!("/topic/{key}"), "anyone?").await;
+    let receipt = writer
+        .send_confirmed(&format!("/topic/{key}"), "anyone?")
+        .await;
     assert_eq!(receipt.get("routed"), Some("false"));
 
     let (mut reader, _) = Client::connect(&gw).await;
     reader.subscribe("s", &format!("/topic/{key}")).await;
-    let receipt = writer.send_confirmed(&format!("/topic/{key}"), "hello").await;
+    let receipt = writer
+        .send_confirmed(&format!("/topic/{key}"), "hello")
+        .await;
     assert_eq!(receipt.get("routed"), Some("true"));
     assert_eq!(body_text(&reader.recv_message().await), "hello");
     reader.disconnect().await;
@@ -155,7 +172,11 @@ async fn unsubscribe_stops_delivery_and_keeps_shared_binding() {
     assert_eq!(receipt.get("routed"), Some("false"), "binding must be gone");
     // Nothing for the reader: the next frame it sees is its own receipt.
     reader
-        .send_frame(&Frame::new("BEGIN").header("transaction", "t").header("receipt", "mark"))
+        .send_frame(
+            &Frame::new("BEGIN")
+                .header("transaction", "t")
+                .header("receipt", "mark"),
+        )
         .await;
     reader.expect_receipt("mark").await;
     reader.disconnect().await;
@@ -186,7 +207,10 @@ async fn escaped_headers_and_korean_text() {
     let message = reader.recv_message().await;
     assert_eq!(body_text(&message), body);
     assert_eq!(message.get("x-note"), Some(tricky));
-    assert_eq!(message.get("content-type"), Some("text/plain;charset=utf-8"));
+    assert_eq!(
+        message.get("content-type"),
+        Some("text/plain;charset=utf-8")
+    );
     assert_eq!(reader.kinds.last(), Some(&"text"));
     reader.disconnect().await;
     writer.disconnect().await;
@@ -213,7 +237,10 @@ async fn binary_body_with_nuls() {
         .await;
     let message = reader.recv_message().await;
     assert_eq!(message.body.as_ref(), body.as_slice());
-    assert_eq!(message.get("content-length"), Some(body.len().to_string().as_str()));
+    assert_eq!(
+        message.get("content-length"),
+        Some(body.len().to_string().as_str())
+    );
     assert_eq!(reader.kinds.last(), Some(&"binary"));
     reader.disconnect().await;
     writer.disconnect().await;
@@ -227,7 +254,9 @@ async fn one_mebibyte_body() {
     let (mut reader, _) = Client::connect(&gw).await;
     reader.subscribe("s", &format!("/topic/{key}")).await;
     let (mut writer, _) = Client::connect(&gw).await;
-    let body: String = (0..(1 << 20)).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let body: String = (0..(1 << 20))
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
     let receipt = writer.send_confirmed(&format!("/topic/{key}"), &body).await;
     assert_eq!(receipt.get("routed"), Some("true"));
     let message = reader.recv_message().await;
@@ -250,7 +279,11 @@ async fn two_thousand_messages_arrive_in_order() {
     }
     for i in 0..2000 {
         let message = reader.recv_message().await;
-        assert_eq!(body_text(&message), i.to_string(), "message {i} out of order");
+        assert_eq!(
+            body_text(&message),
+            i.to_string(),
+            "message {i} out of order"
+        );
     }
     reader.disconnect().await;
     writer.disconnect().await;

@@ -45,7 +45,10 @@ async fn one_queue_per_connection_bound_by_its_subscriptions() {
             topic("no01"),
         ]
     );
-    assert_eq!(mgmt.bindings(&gw.queue_of(&session_b)).await, vec![topic("no02")]);
+    assert_eq!(
+        mgmt.bindings(&gw.queue_of(&session_b)).await,
+        vec![topic("no02")]
+    );
 
     // Unsubscribing one of two sharers keeps the binding; the last removes it.
     a.unsubscribe("1").await;
@@ -55,7 +58,10 @@ async fn one_queue_per_connection_bound_by_its_subscriptions() {
         vec![topic("*"), topic("no01")]
     );
     a.unsubscribe("3").await;
-    assert_eq!(mgmt.bindings(&gw.queue_of(&session_a)).await, vec![topic("*")]);
+    assert_eq!(
+        mgmt.bindings(&gw.queue_of(&session_a)).await,
+        vec![topic("*")]
+    );
 
     // The AMQP connection carries the node's name.
     let name = format!("stompgate {}", gw.config.server.node_id);
@@ -145,7 +151,7 @@ async fn a_thousand_cycles_leave_nothing_behind() {
     async fn cycle(gw: &Gateway, dest: &str, i: usize) {
         let (mut client, _) = Client::connect(gw).await;
         client.subscribe("s", dest).await;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             client.disconnect().await;
         } else {
             client.ws.close(None).await.unwrap();
@@ -160,11 +166,15 @@ async fn a_thousand_cycles_leave_nothing_behind() {
     for i in 0..1000 {
         cycle(&gw, &dest, i).await;
     }
-    mgmt.wait_no_queues(&gw.queue_prefix(), Duration::from_secs(5)).await;
+    mgmt.wait_no_queues(&gw.queue_prefix(), Duration::from_secs(5))
+        .await;
     let grown = resident_kib().saturating_sub(before);
     // A leak of one session's state (queue name, channel, buffers: a few
     // KiB) per cycle would show as several MiB here.
-    assert!(grown < 4 * 1024, "resident memory grew by {grown} KiB over 1000 cycles");
+    assert!(
+        grown < 4 * 1024,
+        "resident memory grew by {grown} KiB over 1000 cycles"
+    );
 
     // Channels: the pool's connection stays open; the management API's
     // channel count lags (statistics interval), so poll it, bounded.

@@ -149,10 +149,8 @@ pub struct AmqpSession {
 }
 
 /// A publisher confirm turned into the port's terms, without boxing.
-pub type AmqpConfirm = Map<
-    lapin::PublisherConfirm,
-    fn(lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError>,
->;
+pub type AmqpConfirm =
+    Map<lapin::PublisherConfirm, fn(lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError>>;
 
 fn confirmed(result: lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError> {
     match result.map_err(classify)? {

@@ -67,8 +67,10 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// Creates the session's exclusive queue (named after `session_id`)
     /// and starts consuming from it.
-    fn open(&self, session_id: &str)
-        -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
+    fn open(
+        &self,
+        session_id: &str,
+    ) -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
 
     /// Whether the broker is reachable right now (`/readyz`).
     fn ready(&self) -> impl Future<Output = bool> + Send;
@@ -94,13 +96,17 @@ pub trait BrokerSession: Send + 'static {
 
     /// The next delivery; `None` once the consumer has ended.
     /// Cancel-safe: dropping the future loses no delivery.
-    fn next_delivery(&mut self)
-        -> impl Future<Output = Option<Result<Delivery, BrokerError>>> + Send;
+    fn next_delivery(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<Delivery, BrokerError>>> + Send;
 
     fn ack(&mut self, tag: u64) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    fn nack(&mut self, tag: u64, requeue: bool)
-        -> impl Future<Output = Result<(), BrokerError>> + Send;
+    fn nack(
+        &mut self,
+        tag: u64,
+        requeue: bool,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Deletes the queue and closes the channel; never fails, as the
     /// session is ending anyway (an exclusive, auto-delete queue goes with

@@ -175,10 +175,12 @@ impl ClientCommand {
                     // STOMP 1.0 made the id optional; the destination
                     // then names the subscription, as RabbitMQ does.
                     None if version == Version::V1_0 => destination.clone(),
-                    None => return Err(CommandError::MissingHeader {
-                        command: "SUBSCRIBE",
-                        header: "id",
-                    }),
+                    None => {
+                        return Err(CommandError::MissingHeader {
+                            command: "SUBSCRIBE",
+                            header: "id",
+                        })
+                    }
                 };
                 let ack = match frame.get("ack").unwrap_or("auto") {
                     "auto" => AckMode::Auto,

@@ -57,7 +57,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub config: Arc<Config>,
     shutdown: CancellationToken,
-    handle: JoinHandle<()>,
+    /// None for a gateway running as another process.
+    handle: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -91,7 +92,17 @@ impl Gateway {
             addr,
             config,
             shutdown,
-            handle,
+            handle: Some(handle),
+        }
+    }
+
+    /// A gateway started elsewhere (the binary), known by address and config.
+    pub fn external(addr: SocketAddr, config: Arc<Config>) -> Gateway {
+        Gateway {
+            addr,
+            config,
+            shutdown: CancellationToken::new(),
+            handle: None,
         }
     }
 
@@ -120,7 +131,8 @@ impl Gateway {
     /// Shuts down and waits for the server task, bounded.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.handle)
+        let Some(handle) = self.handle else { return };
+        tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("gateway did not stop within 30 s")
             .expect("gateway task panicked");
@@ -192,7 +204,11 @@ impl Client {
     pub async fn connect(gw: &Gateway) -> (Client, String) {
         let mut client = Client::open(gw).await;
         let session = client
-            .handshake(Frame::new("CONNECT").header("accept-version", "1.2").header("host", "/"))
+            .handshake(
+                Frame::new("CONNECT")
+                    .header("accept-version", "1.2")
+                    .header("host", "/"),
+            )
             .await;
         (client, session)
     }
@@ -326,7 +342,10 @@ impl Client {
 
     pub async fn expect_receipt(&mut self, id: &str) -> Frame {
         let frame = self.recv().await;
-        assert_eq!(frame.command, "RECEIPT", "expected RECEIPT {id}, got {frame:?}");
+        assert_eq!(
+            frame.command, "RECEIPT",
+            "expected RECEIPT {id}, got {frame:?}"
+        );
         assert_eq!(frame.get("receipt-id"), Some(id));
         frame
     }
@@ -375,10 +394,7 @@ pub struct Management {
 impl Management {
     pub fn new() -> Management {
         Management {
-            http: reqwest::Client::builder()
-                .timeout(WAIT)
-                .build()
-                .unwrap(),
+            http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         }
     }
 
