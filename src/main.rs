@@ -40,11 +40,17 @@ impl<E: std::error::Error> From<E> for Fatal {
     }
 }
 
+/// Log filter when RUST_LOG is not set. lapin warns about every message the
+/// broker returns, body included; an unroutable publish is the source
+/// document's first caveat, reported to the sender as `routed:false`, not
+/// something for an operator's log.
+const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
+
 #[tokio::main]
 async fn main() -> Result<(), Fatal> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()))
         .init();
     let config = Config::load(cli.config.as_deref())?;
     let listener = TcpListener::bind(config.server.listen)

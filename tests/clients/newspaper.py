@@ -1,0 +1,107 @@
+"""The newspaper with stomp.py's WSConnection, unmodified (it offers no
+WebSocket subprotocol). Exits 0 when every reader got exactly its paper in
+order, 1 with a reason otherwise.
+
+    python3 tests/clients/newspaper.py 127.0.0.1 8080 [channel-prefix]
+"""
+import json
+import sys
+import threading
+import time
+
+import stomp
+
+host, port = sys.argv[1], int(sys.argv[2])
+prefix = sys.argv[3] if len(sys.argv) > 3 else ""
+no01, no02 = f"{prefix}no01", f"{prefix}no02"
+DEADLINE = time.monotonic() + 20
+
+
+def fail(why):
+    print(f"FAIL: {why}", file=sys.stderr)
+    sys.exit(1)
+
+
+class Reader(stomp.ConnectionListener):
+    def __init__(self):
+        self.bodies = []
+        self.headers = []
+        self.receipts = {}
+        self.errors = []
+        self.changed = threading.Condition()
+
+    def on_message(self, frame):
+        with self.changed:
+            self.bodies.append(frame.body)
+            self.headers.append(frame.headers)
+            self.changed.notify_all()
+
+    def on_receipt(self, frame):
+        with self.changed:
+            self.receipts[frame.headers["receipt-id"]] = frame.headers
+            self.changed.notify_all()
+
+    def on_error(self, frame):
+        self.errors.append(frame.headers.get("message"))
+
+    def wait(self, what, check):
+        with self.changed:
+            while not check():
+                left = DEADLINE - time.monotonic()
+                if left <= 0:
+                    fail(f"timed out waiting for {what}; errors: {self.errors}")
+                self.changed.wait(left)
+
+
+def connect():
+    conn = stomp.WSConnection([(host, port)], ws_path="/ws", heartbeats=(1000, 1000))
+    listener = Reader()
+    conn.set_listener("", listener)
+    conn.connect(wait=True, headers={"accept-version": "1.2"})
+    return conn, listener
+
+
+def subscribe(conn, listener, paper, sub_id):
+    conn.subscribe(f"/topic/{paper}", id=sub_id, ack="auto", headers={"receipt": sub_id})
+    listener.wait(f"receipt {sub_id}", lambda: sub_id in listener.receipts)
+
+
+readers = {name: connect() for name in ("user1", "user2", "user3")}
+publisher, pub_listener = connect()
+subscribe(*readers["user1"], no01, "s1")
+subscribe(*readers["user2"], no01, "s2")
+subscribe(*readers["user3"], no02, "s3")
+
+issues = ["조선일보 1면", "page 2", "page 3"]
+for body in issues:
+    publisher.send(f"/pub/{no01}", body)
+publisher.send(f"/topic/{no02}", "no02 only", headers={"receipt": "r-no02"})
+publisher.send(f"/topic/{prefix}no99", "anyone?", headers={"receipt": "r-nobody"})
+pub_listener.wait("receipts", lambda: {"r-no02", "r-nobody"} <= pub_listener.receipts.keys())
+if pub_listener.receipts["r-no02"].get("routed") != "true":
+    fail(f"no02 receipt {pub_listener.receipts['r-no02']}")
+if pub_listener.receipts["r-nobody"].get("routed") != "false":
+    fail(f"no99 receipt {pub_listener.receipts['r-nobody']}")
+publisher.send(f"/topic/{no01}", "end", headers={"receipt": "r-end"})
+pub_listener.wait("end receipt", lambda: "r-end" in pub_listener.receipts)
+
+for name in ("user1", "user2"):
+    _, listener = readers[name]
+    listener.wait(f"{name} messages", lambda: len(listener.bodies) >= 4)
+    if listener.bodies != issues + ["end"]:
+        fail(f"{name} got {listener.bodies}")
+    if listener.headers[0]["destination"] != f"/topic/{no01}":
+        fail(f"{name} destination {listener.headers[0]['destination']}")
+_, user3 = readers["user3"]
+user3.wait("user3 message", lambda: len(user3.bodies) >= 1)
+if user3.bodies != ["no02 only"]:
+    fail(f"user3 got {user3.bodies}")
+
+for conn, _ in list(readers.values()) + [(publisher, pub_listener)]:
+    conn.disconnect()
+print(json.dumps({
+    "client": "stomp.py",
+    "user1": readers["user1"][1].bodies,
+    "user2": readers["user2"][1].bodies,
+    "user3": user3.bodies,
+}, ensure_ascii=False))

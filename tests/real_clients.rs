@@ -1,0 +1,57 @@
+//! The gateway with clients that exist, unmodified: @stomp/stompjs (with
+//! the `ws` package, as in Node or a browser) and stomp.py's WSConnection.
+//! Each runs the newspaper script in tests/clients/ against an in-process
+//! gateway; scripts/test installs them (npm ci, pip install).
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{unique, Gateway};
+
+async fn run(program: &str, args: &[String]) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} client script did not finish within 60 s"))
+    .unwrap_or_else(|e| panic!("cannot run {program}: {e} (scripts/test installs it)"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    println!("{stdout}");
+}
+
+#[tokio::test]
+async fn stompjs_newspaper() {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node_modules/@stomp");
+    assert!(
+        modules.exists(),
+        "@stomp/stompjs is not installed: run scripts/test, or `npm ci --prefix tests/clients`"
+    );
+    let gw = Gateway::start().await;
+    let script = format!("{}/tests/clients/newspaper.mjs", env!("CARGO_MANIFEST_DIR"));
+    run("node", &[script, gw.ws_url(), unique("js")]).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn stomp_py_newspaper() {
+    let gw = Gateway::start().await;
+    let script = format!("{}/tests/clients/newspaper.py", env!("CARGO_MANIFEST_DIR"));
+    let port = gw.addr.port().to_string();
+    run("python3", &[script, "127.0.0.1".into(), port, unique("py")]).await;
+    gw.stop().await;
+}
