@@ -50,7 +50,9 @@ const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
 async fn main() -> Result<(), Fatal> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
+        )
         .init();
     let config = Config::load(cli.config.as_deref())?;
     let listener = TcpListener::bind(config.server.listen)
