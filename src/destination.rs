@@ -119,8 +119,17 @@ impl Destination {
 /// Dynamic programming over words, so a pattern with many `#` stays linear
 /// in (pattern words × key words) instead of backtracking exponentially.
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('.').collect();
-    let key: Vec<&str> = routing_key.split('.').collect();
+    // As RabbitMQ splits them: the empty key has no words (not one empty
+    // word), so `#` matches it and `*` does not.
+    fn words(s: &str) -> Vec<&str> {
+        if s.is_empty() {
+            Vec::new()
+        } else {
+            s.split('.').collect()
+        }
+    }
+    let pattern = words(pattern);
+    let key = words(routing_key);
     // row[j]: the pattern words seen so far match the first j key words.
     let mut row = vec![false; key.len() + 1];
     row[0] = true;
@@ -164,6 +173,10 @@ mod tests {
             ("a.*.c", "a.c", false),
             ("#.#", "x", true),
             ("*.#", "", false),
+            ("*", "", false),
+            ("", "", true),
+            ("a..b", "a..b", true),
+            ("a.*.b", "a..b", true),
             ("news.*", "news.sport", true),
             ("news.*", "news.sport.football", false),
         ];
