@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{body_text, unique, Client, Gateway};
+use common::{body_text, reader_and_writer, unique, Client, Gateway};
 use stompgate::stomp::frame::Frame;
 
 async fn gateway_with_prefetch(prefetch: u16) -> Gateway {
@@ -22,9 +22,7 @@ async fn ack(client: &mut Client, message: &Frame) {
 async fn auto_mode_acks_for_the_client() {
     let gw = gateway_with_prefetch(2).await;
     let key = unique("auto");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
     for i in 0..20 {
         writer.send(&format!("/topic/{key}"), &i.to_string()).await;
     }
@@ -47,11 +45,8 @@ async fn auto_mode_acks_for_the_client() {
 async fn client_individual_acks_one_at_a_time() {
     let gw = gateway_with_prefetch(3).await;
     let key = unique("ind");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader
-        .subscribe_with("s", &format!("/topic/{key}"), "client-individual")
-        .await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) =
+        reader_and_writer(&gw, &format!("/topic/{key}"), "client-individual").await;
     for i in 0..6 {
         writer
             .send_confirmed(&format!("/topic/{key}"), &i.to_string())
@@ -90,11 +85,7 @@ async fn client_individual_acks_one_at_a_time() {
 async fn client_mode_ack_is_cumulative() {
     let gw = gateway_with_prefetch(3).await;
     let key = unique("cum");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader
-        .subscribe_with("s", &format!("/topic/{key}"), "client")
-        .await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "client").await;
     for i in 0..6 {
         writer
             .send_confirmed(&format!("/topic/{key}"), &i.to_string())
@@ -119,11 +110,8 @@ async fn client_mode_ack_is_cumulative() {
 async fn nack_redelivers() {
     let gw = gateway_with_prefetch(10).await;
     let key = unique("nack");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader
-        .subscribe_with("s", &format!("/topic/{key}"), "client-individual")
-        .await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) =
+        reader_and_writer(&gw, &format!("/topic/{key}"), "client-individual").await;
     writer
         .send_confirmed(&format!("/topic/{key}"), "try again")
         .await;
@@ -152,9 +140,7 @@ async fn transactions_commit_and_abort_sends() {
     let gw = Gateway::start().await;
     let key = unique("tx");
     let dest = format!("/topic/{key}");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &dest).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
 
     writer
         .send_frame(&Frame::new("BEGIN").header("transaction", "t1"))
@@ -215,9 +201,7 @@ async fn transactional_acks() {
     let gw = gateway_with_prefetch(1).await;
     let key = unique("txack");
     let dest = format!("/topic/{key}");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe_with("s", &dest, "client-individual").await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "client-individual").await;
     writer.send_confirmed(&dest, "m1").await;
     writer.send_confirmed(&dest, "m2").await;
 

@@ -5,15 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{body_text, unique, Client, Closed, Gateway};
+use common::{body_text, reader_and_writer, unique, Client, Closed, Gateway};
 use stompgate::stomp::frame::Frame;
 
 /// A fresh client can still connect, subscribe and get a message.
 async fn assert_still_serving(gw: &Gateway) {
     let key = unique("alive");
-    let (mut reader, _) = Client::connect(gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(gw).await;
+    let (mut reader, mut writer) = reader_and_writer(gw, &format!("/topic/{key}"), "auto").await;
     let receipt = writer
         .send_confirmed(&format!("/topic/{key}"), "still here")
         .await;

@@ -4,7 +4,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{body_text, unique, Client, Gateway};
+use common::{body_text, reader_and_writer, unique, Client, Gateway};
 use stompgate::stomp::frame::Frame;
 
 /// Users 1 and 2 read `no01`, user 3 reads `no02`: each gets exactly its
@@ -59,9 +59,7 @@ async fn newspaper_readers_get_exactly_their_paper_in_order() {
 async fn sub_and_pub_names_work_like_topic() {
     let gw = Gateway::start().await;
     let key = unique("paper");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/sub/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/sub/{key}"), "auto").await;
     let receipt = writer.send_confirmed(&format!("/pub/{key}"), "hello").await;
     assert_eq!(receipt.get("routed"), Some("true"));
     let message = reader.recv_message().await;
@@ -190,9 +188,7 @@ async fn unsubscribe_stops_delivery_and_keeps_shared_binding() {
 async fn escaped_headers_and_korean_text() {
     let gw = Gateway::start().await;
     let key = unique("ko");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
     let body = "조선일보 신문 no01: 구독자는 자신이 구독한 채널의 메시지만 수신 가능";
     let tricky = "a:b\nc\\d\re 한겨레";
     writer
@@ -223,9 +219,7 @@ async fn escaped_headers_and_korean_text() {
 async fn binary_body_with_nuls() {
     let gw = Gateway::start().await;
     let key = unique("bin");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
     let body: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, 0xfe, 0]).collect();
     writer
         .send_frame(
@@ -251,9 +245,7 @@ async fn binary_body_with_nuls() {
 async fn one_mebibyte_body() {
     let gw = Gateway::start().await;
     let key = unique("big");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
     let body: String = (0..(1 << 20))
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
@@ -271,9 +263,7 @@ async fn one_mebibyte_body() {
 async fn two_thousand_messages_arrive_in_order() {
     let gw = Gateway::start().await;
     let key = unique("seq");
-    let (mut reader, _) = Client::connect(&gw).await;
-    reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut reader, mut writer) = reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
     for i in 0..2000 {
         writer.send(&format!("/topic/{key}"), &i.to_string()).await;
     }

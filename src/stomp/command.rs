@@ -133,6 +133,22 @@ impl CommandError {
 }
 
 impl ClientCommand {
+    /// The STOMP command name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientCommand::Connect(_) => "CONNECT",
+            ClientCommand::Send(_) => "SEND",
+            ClientCommand::Subscribe { .. } => "SUBSCRIBE",
+            ClientCommand::Unsubscribe { .. } => "UNSUBSCRIBE",
+            ClientCommand::Ack { .. } => "ACK",
+            ClientCommand::Nack { .. } => "NACK",
+            ClientCommand::Begin { .. } => "BEGIN",
+            ClientCommand::Commit { .. } => "COMMIT",
+            ClientCommand::Abort { .. } => "ABORT",
+            ClientCommand::Disconnect => "DISCONNECT",
+        }
+    }
+
     /// Reads a client frame under the rules of `version` (e.g. SUBSCRIBE
     /// needs an `id` from 1.1 on; ACK names its message by `id` in 1.2 and
     /// by `message-id` before).

@@ -382,6 +382,15 @@ impl Client {
     }
 }
 
+/// The commonest cast: a reader subscribed (id "s") to `destination` with
+/// `ack` mode, and a writer, both connected.
+pub async fn reader_and_writer(gw: &Gateway, destination: &str, ack: &str) -> (Client, Client) {
+    let (mut reader, _) = Client::connect(gw).await;
+    reader.subscribe_with("s", destination, ack).await;
+    let (writer, _) = Client::connect(gw).await;
+    (reader, writer)
+}
+
 pub fn body_text(frame: &Frame) -> &str {
     std::str::from_utf8(&frame.body).expect("UTF-8 body")
 }
