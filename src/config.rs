@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Bearer token for `/admin/sessions`; empty disables the endpoint.
+    pub admin_token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

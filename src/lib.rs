@@ -11,15 +11,19 @@
 //!
 //! - [`config`]: settings, layered default.toml → `--config` → env.
 //! - [`server`]: binds, serves the routes, tracks sessions, drains on shutdown.
-//! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, `/healthz`, `/readyz`.
+//! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
+//!   metrics, admin and the demo page.
 //! - [`session`]: one task per WebSocket, from CONNECT to close.
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
 //! - [`broker`]: the port the session talks to, and its RabbitMQ adapter.
+//! - [`metrics`] and [`admin`]: what operators see (`/metrics`, `/admin/sessions`).
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod destination;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod session;

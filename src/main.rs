@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use stompgate::broker::amqp::AmqpBroker;
 use stompgate::config::Config;
+use stompgate::metrics::Metrics;
 use stompgate::server;
 
 /// STOMP 1.2 over WebSocket in front of RabbitMQ.
@@ -58,10 +59,11 @@ async fn main() -> Result<(), Fatal> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| Fatal(format!("cannot listen on {}: {e}", config.server.listen)))?;
-    let broker = AmqpBroker::new(&config.amqp, &config.server.node_id)?;
+    let metrics = Arc::new(Metrics::new()?);
+    let broker = AmqpBroker::new(&config.amqp, &config.server.node_id, metrics.clone())?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    server::run(listener, Arc::new(config), broker, shutdown).await;
+    server::run(listener, Arc::new(config), broker, metrics, shutdown).await;
     Ok(())
 }
 

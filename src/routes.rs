@@ -1,5 +1,6 @@
 //! HTTP routes: the `/ws` upgrade (STOMP subprotocol negotiation, origin
-//! check, message size limit), `/healthz` and `/readyz`.
+//! check, message size limit), `/healthz`, `/readyz`, `/metrics`,
+//! `/admin/sessions` (bearer token) and the demo page at `/`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,10 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::{self, Reply, Response};
 use warp::{Filter, Rejection};
 
+use crate::admin;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::session::{self, SessionContext};
 use crate::stomp::command::Version;
 
@@ -23,7 +26,14 @@ pub struct State<B> {
     /// Sessions, so shutdown can wait for them: warp's graceful shutdown
     /// does not see upgraded connections.
     pub sessions: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    /// Live sessions for `/admin/sessions`.
+    pub registry: Arc<admin::Registry>,
 }
+
+const DEMO_PAGE: &str = include_str!("../static/index.html");
+const STOMPJS: &str = include_str!("../static/stomp.umd.min.js");
+const STOMPJS_LICENSE: &str = include_str!("../static/stompjs-LICENSE");
 
 pub fn routes<B: Broker>(
     state: Arc<State<B>>,
@@ -46,7 +56,7 @@ pub fn routes<B: Broker>(
     let readyz = warp::path("readyz")
         .and(warp::path::end())
         .and(warp::get())
-        .and(with_state)
+        .and(with_state.clone())
         .then(|state: Arc<State<B>>| async move {
             if state.shutdown.is_cancelled() {
                 reply::with_status("shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
@@ -57,7 +67,74 @@ pub fn routes<B: Broker>(
             }
             .into_response()
         });
-    ws.or(healthz).unify().or(readyz).unify()
+    let metrics = warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(|state: Arc<State<B>>| {
+            reply::with_header(
+                state.metrics.render(),
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .into_response()
+        });
+    let admin = warp::path!("admin" / "sessions")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(with_state)
+        .map(admin_sessions);
+    let page = |body: &'static str, content_type: &'static str| {
+        move || reply::with_header(body, "content-type", content_type).into_response()
+    };
+    let demo = warp::path::end()
+        .and(warp::get())
+        .map(page(DEMO_PAGE, "text/html; charset=utf-8"));
+    let stompjs = warp::path!("static" / "stomp.umd.min.js")
+        .and(warp::get())
+        .map(page(STOMPJS, "text/javascript; charset=utf-8"));
+    let license = warp::path!("static" / "stompjs-LICENSE")
+        .and(warp::get())
+        .map(page(STOMPJS_LICENSE, "text/plain; charset=utf-8"));
+    ws.or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(admin)
+        .unify()
+        .or(demo)
+        .unify()
+        .or(stompjs)
+        .unify()
+        .or(license)
+        .unify()
+}
+
+/// `GET /admin/sessions`: 404 unless `server.admin_token` is set, then
+/// 401 without the right `Authorization: Bearer <token>`.
+fn admin_sessions<B>(authorization: Option<String>, state: Arc<State<B>>) -> Response {
+    let token = &state.config.server.admin_token;
+    if token.is_empty() {
+        return reply::with_status("not found\n", StatusCode::NOT_FOUND).into_response();
+    }
+    let offered = authorization
+        .as_deref()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !constant_time_eq(offered.as_bytes(), token.as_bytes()) {
+        let refused =
+            reply::with_status("missing or wrong bearer token\n", StatusCode::UNAUTHORIZED);
+        return reply::with_header(refused, "www-authenticate", "Bearer").into_response();
+    }
+    reply::json(&state.registry.snapshot()).into_response()
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn upgrade<B: Broker>(
@@ -89,6 +166,8 @@ fn upgrade<B: Broker>(
         peer,
         subprotocol,
         shutdown: state.shutdown.clone(),
+        metrics: state.metrics.clone(),
+        sessions: state.registry.clone(),
     };
     let sessions = state.sessions.clone();
     let reply = ws

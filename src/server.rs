@@ -8,9 +8,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::routes::{self, State};
+
+/// How often `stompgate_broker_up` is refreshed between other checks.
+const BROKER_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs until `shutdown` is cancelled and the sessions have closed (or
 /// `server.shutdown_timeout` has passed).
@@ -18,14 +23,18 @@ pub async fn run<B: Broker>(
     listener: TcpListener,
     config: Arc<Config>,
     broker: B,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let sessions = TaskTracker::new();
+    tokio::spawn(probe_broker(broker.clone(), shutdown.clone()));
     let state = Arc::new(State {
         config: config.clone(),
         broker,
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
+        metrics,
+        registry: Arc::new(admin::Registry::default()),
     });
     match listener.local_addr() {
         Ok(addr) => info!(%addr, node_id = %config.server.node_id, "listening on ws://{addr}/ws"),
@@ -46,4 +55,18 @@ pub async fn run<B: Broker>(
         );
     }
     info!("stopped");
+}
+
+/// Keeps the broker's health (and its metric) fresh even when nobody asks
+/// `/readyz`.
+async fn probe_broker<B: Broker>(broker: B, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(BROKER_PROBE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {
+                broker.ready().await;
+            }
+        }
+    }
 }

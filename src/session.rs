@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use warp::ws::{Message, WebSocket};
 
+use crate::admin::{self, Registration, SessionEntry};
 use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::Config;
 use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
+use crate::metrics::{command_label, Metrics};
 use crate::stomp::command::{self, AckMode, ClientCommand, CommandError, Connect, Version};
 use crate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
 
@@ -42,6 +45,8 @@ pub struct SessionContext<B> {
     /// The version named by the negotiated WebSocket subprotocol, if any.
     pub subprotocol: Option<Version>,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<admin::Registry>,
 }
 
 /// A protocol or broker failure: reported to the client in an ERROR frame,
@@ -100,12 +105,17 @@ enum End {
 /// Confirms and receipts share one ordered queue, so receipts go out in the
 /// order of the frames that asked for them, each after its own publish.
 struct Pending<C> {
-    confirm: Option<C>,
+    /// The publish's confirm and when it was published.
+    confirm: Option<(C, Instant)>,
     receipt: Option<String>,
 }
 
-/// A settled [`Pending`]: the receipt to send, and the publish's outcome.
-type Settled = (Option<String>, Result<Option<Confirmed>, BrokerError>);
+/// A settled [`Pending`]: the receipt to send, and the publish's outcome
+/// with the time its confirm took.
+type Settled = (
+    Option<String>,
+    Result<Option<(Confirmed, Duration)>, BrokerError>,
+);
 
 impl<C> Future for Pending<C>
 where
@@ -115,8 +125,8 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
         let result = match self.confirm.as_mut() {
-            Some(confirm) => match Pin::new(confirm).poll(cx) {
-                Poll::Ready(result) => result.map(Some),
+            Some((confirm, started)) => match Pin::new(confirm).poll(cx) {
+                Poll::Ready(result) => result.map(|c| Some((c, started.elapsed()))),
                 Poll::Pending => return Poll::Pending,
             },
             None => Ok(None),
@@ -159,10 +169,13 @@ pub async fn run<B: Broker>(ws: WebSocket, ctx: SessionContext<B>) {
         .peer
         .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
     let span = tracing::info_span!("session", session = %id, %peer);
-    run_session(ws, ctx, id).instrument(span).await;
+    let metrics = ctx.metrics.clone();
+    metrics.connections_open.inc();
+    run_session(ws, ctx, id, peer).instrument(span).await;
+    metrics.connections_open.dec();
 }
 
-async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String) {
+async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String, peer: String) {
     let stomp = &ctx.config.stomp;
     let limits = Limits {
         max_frame_bytes: stomp.max_frame_bytes,
@@ -176,12 +189,13 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         write_timeout: stomp.slow_client_timeout,
         last_write: Instant::now(),
         last_read: Instant::now(),
+        metrics: ctx.metrics.clone(),
     };
     let deadline = Instant::now() + stomp.connect_timeout;
     let (connect, receipt) = tokio::select! {
         _ = ctx.shutdown.cancelled() => {
             conn.finish(Some(shutting_down()), CLOSE_GOING_AWAY).await;
-            log_end(&End::Shutdown);
+            record_end(&End::Shutdown, &ctx.metrics);
             return;
         }
         first = tokio::time::timeout_at(deadline, conn.first_frame()) => match first {
@@ -192,11 +206,11 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
                 );
                 let error = command::error("connect timeout", &detail, None);
                 conn.finish(Some(error), CLOSE_NORMAL).await;
-                log_end(&End::ConnectTimeout);
+                record_end(&End::ConnectTimeout, &ctx.metrics);
                 return;
             }
             Ok(Err(end)) => {
-                log_end(&end);
+                record_end(&end, &ctx.metrics);
                 return;
             }
             Ok(Ok(frame)) => frame,
@@ -210,7 +224,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
             let frame = command::error(error.summary(), &error.to_string(), receipt.as_deref())
                 .header("version", "1.2,1.1,1.0");
             conn.finish(Some(frame), CLOSE_NORMAL).await;
-            log_end(&End::Failed);
+            record_end(&End::Failed, &ctx.metrics);
             return;
         }
     };
@@ -218,7 +232,8 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         Ok(broker) => broker,
         Err(error) => {
             warn!(%error, "could not open the session's queue");
-            log_end(&conn.fail(error.into(), receipt.as_deref()).await);
+            let end = conn.fail(error.into(), receipt.as_deref()).await;
+            record_end(&end, &ctx.metrics);
             return;
         }
     };
@@ -233,10 +248,20 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
     let send_every = if cy == 0 { 0 } else { cy.max(floor) };
     let expect_every = if cx == 0 { 0 } else { cx.max(floor) };
 
+    let entry = Arc::new(SessionEntry::new(
+        &id,
+        &peer,
+        connect.login.clone(),
+        version.as_str(),
+        broker.queue_name(),
+    ));
     let mut session = Session {
         id,
         version,
         config: ctx.config.clone(),
+        metrics: ctx.metrics.clone(),
+        _registration: ctx.sessions.register(entry.clone()),
+        entry,
         broker,
         conn,
         subscriptions: Vec::new(),
@@ -250,6 +275,10 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         expect_every: (expect_every > 0).then(|| Duration::from_millis(expect_every)),
     };
     let connected = command::connected(version, (send_every, expect_every), &session.id);
+    ctx.metrics
+        .sessions
+        .with_label_values(&[version.as_str()])
+        .inc();
     let end = match session.conn.write(&connected).await {
         Ok(()) => {
             info!(
@@ -285,7 +314,13 @@ fn shutting_down() -> Frame {
     )
 }
 
-fn log_end(end: &End) {
+/// Logs why a session ended (once) and counts the ends that matter.
+fn record_end(end: &End, metrics: &Metrics) {
+    match end {
+        End::HeartbeatTimeout => metrics.heartbeat_timeouts.inc(),
+        End::SlowClient => metrics.slow_client_disconnects.inc(),
+        _ => {}
+    }
     match end {
         End::PeerGone | End::Disconnected => debug!(?end, "session closed"),
         _ => info!(?end, "session closed"),
@@ -300,6 +335,7 @@ struct Connection {
     write_timeout: Duration,
     last_write: Instant,
     last_read: Instant,
+    metrics: Arc<Metrics>,
 }
 
 /// What the client side produced: a message's worth of bytes, or its end.
@@ -313,7 +349,10 @@ impl Connection {
     async fn first_frame(&mut self) -> Result<(Connect, Option<String>), End> {
         let frame = loop {
             match self.decoder.next_frame() {
-                Ok(Some(frame)) => break frame,
+                Ok(Some(frame)) => {
+                    self.count_received(&frame);
+                    break frame;
+                }
                 Ok(None) => match self.read().await {
                     Inbound::Bytes => {}
                     Inbound::End(end) => return Err(end),
@@ -369,8 +408,22 @@ impl Connection {
         }
     }
 
+    fn count_received(&self, frame: &Frame) {
+        self.metrics
+            .frames_received
+            .with_label_values(&[command_label(&frame.command)])
+            .inc();
+    }
+
     /// One frame, one WebSocket message: text when it is all UTF-8.
     async fn write(&mut self, frame: &Frame) -> Result<(), End> {
+        let command = command_label(&frame.command);
+        self.metrics.frames_sent.with_label_values(&[command]).inc();
+        if command == "ERROR" {
+            // ERROR messages are the fixed summaries built in this crate.
+            let reason = frame.get("message").unwrap_or("unknown");
+            self.metrics.errors.with_label_values(&[reason]).inc();
+        }
         let bytes = encode(frame, self.escapes);
         let message = match String::from_utf8(bytes) {
             Ok(text) => Message::text(text),
@@ -427,6 +480,11 @@ struct Session<S: BrokerSession> {
     id: String,
     version: Version,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    /// This session's line in `/admin/sessions`.
+    entry: Arc<SessionEntry>,
+    /// Removes the entry when the session is dropped.
+    _registration: Registration,
     broker: S,
     conn: Connection,
     /// In SUBSCRIBE order, so a delivery matching several subscriptions
@@ -498,6 +556,7 @@ impl<S: BrokerSession> Session<S> {
                     return self.fail(error.into(), None).await;
                 }
                 _ = sleep_until(heartbeat_due), if self.send_every.is_some() => {
+                    self.metrics.frames_sent.with_label_values(&["HEARTBEAT"]).inc();
                     if let Err(end) = self.conn.send(Message::text("\n")).await {
                         return end;
                     }
@@ -519,7 +578,10 @@ impl<S: BrokerSession> Session<S> {
     async fn process_buffered(&mut self) -> Option<End> {
         loop {
             let frame = match self.conn.decoder.next_frame() {
-                Ok(Some(frame)) => frame,
+                Ok(Some(frame)) => {
+                    self.conn.count_received(&frame);
+                    frame
+                }
                 Ok(None) => return None,
                 Err(e) => return Some(self.fail(e.into(), None).await),
             };
@@ -551,11 +613,7 @@ impl<S: BrokerSession> Session<S> {
             ClientCommand::Send(send) => match send.transaction.clone() {
                 Some(tx) => self.defer(&tx, Deferred::Send(send))?,
                 None => {
-                    let confirm = self.publish(send).await?;
-                    self.pending.push_back(Pending {
-                        confirm: Some(confirm),
-                        receipt: receipt.map(str::to_owned),
-                    });
+                    self.publish(send, receipt).await?;
                     return Ok(Flow::Continue);
                 }
             },
@@ -592,13 +650,7 @@ impl<S: BrokerSession> Session<S> {
                 let tx = self.take_transaction(&transaction)?;
                 for deferred in tx.frames {
                     match deferred {
-                        Deferred::Send(send) => {
-                            let confirm = self.publish(send).await?;
-                            self.pending.push_back(Pending {
-                                confirm: Some(confirm),
-                                receipt: None,
-                            });
-                        }
+                        Deferred::Send(send) => self.publish(send, None).await?,
                         Deferred::Ack(id) => self.acknowledge(&id, true).await?,
                         Deferred::Nack(id) => self.acknowledge(&id, false).await?,
                     }
@@ -650,7 +702,13 @@ impl<S: BrokerSession> Session<S> {
         Ok(())
     }
 
-    async fn publish(&mut self, send: command::Send) -> Result<S::Confirm, SessionError> {
+    /// Publishes a SEND; its confirm (and receipt) join the ordered queue.
+    async fn publish(
+        &mut self,
+        send: command::Send,
+        receipt: Option<&str>,
+    ) -> Result<(), SessionError> {
+        self.entry.messages_in.fetch_add(1, Ordering::Relaxed);
         let destination =
             Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
         let message = Publish {
@@ -658,7 +716,12 @@ impl<S: BrokerSession> Session<S> {
             headers: send.headers,
             body: send.body,
         };
-        Ok(self.broker.publish(message).await?)
+        let confirm = self.broker.publish(message).await?;
+        self.pending.push_back(Pending {
+            confirm: Some((confirm, Instant::now())),
+            receipt: receipt.map(str::to_owned),
+        });
+        Ok(())
     }
 
     async fn subscribe(
@@ -678,6 +741,7 @@ impl<S: BrokerSession> Session<S> {
                 "more than stomp.max_subscriptions ({limit}) subscriptions"
             )));
         }
+        let destination_name = destination;
         let destination =
             Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
         let users = self.bindings.get(&destination.route).copied().unwrap_or(0);
@@ -686,6 +750,8 @@ impl<S: BrokerSession> Session<S> {
         }
         self.bindings.insert(destination.route.clone(), users + 1);
         debug!(id, destination = ?destination.route, "subscribed");
+        self.metrics.subscriptions.inc();
+        self.entry.subscribed(&id, destination_name);
         self.subscriptions.push(Subscription {
             id,
             destination,
@@ -702,6 +768,8 @@ impl<S: BrokerSession> Session<S> {
             )));
         };
         let subscription = self.subscriptions.remove(index);
+        self.metrics.subscriptions.dec();
+        self.entry.unsubscribed(id);
         let route = subscription.destination.route;
         // Messages the client never acked on a subscription it left are
         // settled as consumed: requeueing them would redeliver them to the
@@ -727,6 +795,7 @@ impl<S: BrokerSession> Session<S> {
 
     /// Sends a delivery as one MESSAGE per matching subscription.
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
+        self.metrics.deliveries.inc();
         // One queue receives a message once even when several bindings
         // match it, so the session fans it out to its subscriptions.
         let matching: Vec<usize> = self
@@ -767,6 +836,8 @@ impl<S: BrokerSession> Session<S> {
             frame.headers.extend(delivery.headers.iter().cloned());
             frame.body = delivery.body.clone();
             self.conn.write(&frame).await?;
+            self.metrics.messages_delivered.inc();
+            self.entry.messages_out.fetch_add(1, Ordering::Relaxed);
         }
         if awaiting == 0 {
             // Auto mode (or a message for a subscription that has just
@@ -774,6 +845,7 @@ impl<S: BrokerSession> Session<S> {
             if let Err(e) = self.broker.ack(delivery.tag).await {
                 return Err(self.fail(e.into(), None).await);
             }
+            self.metrics.deliveries_acked.inc();
         } else {
             self.awaiting_acks.insert(delivery.tag, awaiting);
         }
@@ -834,6 +906,7 @@ impl<S: BrokerSession> Session<S> {
             if *remaining == 0 {
                 self.awaiting_acks.remove(&tag);
                 self.broker.ack(tag).await?;
+                self.metrics.deliveries_acked.inc();
             }
             return Ok(());
         }
@@ -856,6 +929,7 @@ impl<S: BrokerSession> Session<S> {
             }
         }
         self.broker.nack(tag, true).await?;
+        self.metrics.deliveries_requeued.inc();
         Ok(())
     }
 
@@ -863,11 +937,14 @@ impl<S: BrokerSession> Session<S> {
     async fn settle(&mut self, (receipt, result): Settled) -> Result<(), End> {
         match result {
             Ok(confirmed) => {
+                if let Some((confirmed, took)) = confirmed {
+                    self.count_confirm(confirmed, took);
+                }
                 let Some(receipt) = receipt else {
                     return Ok(());
                 };
                 let mut frame = command::receipt(&receipt);
-                if let Some(confirmed) = confirmed {
+                if let Some((confirmed, _)) = confirmed {
                     let routed = confirmed == Confirmed::Routed;
                     frame = frame.header("routed", routed.to_string());
                 }
@@ -875,6 +952,16 @@ impl<S: BrokerSession> Session<S> {
             }
             Err(e) => Err(self.fail(e.into(), receipt.as_deref()).await),
         }
+    }
+
+    fn count_confirm(&self, confirmed: Confirmed, took: Duration) {
+        self.metrics.messages_published.inc();
+        if confirmed == Confirmed::Unroutable {
+            self.metrics.messages_unroutable.inc();
+        }
+        self.metrics
+            .publish_confirm_seconds
+            .observe(took.as_secs_f64());
     }
 
     /// Waits for outstanding confirms, sending their receipts, within
@@ -923,10 +1010,21 @@ impl<S: BrokerSession> Session<S> {
         // Publishes already sent reach RabbitMQ before the channel closes;
         // waiting here keeps their confirms from being cut off.
         let _ = timeout(self.config.amqp.publish_timeout, async {
-            while self.pending.next().await.is_some() {}
+            while let Some((_, result)) = self.pending.next().await {
+                if let Ok(Some((confirmed, took))) = result {
+                    self.count_confirm(confirmed, took);
+                }
+            }
         })
         .await;
         self.broker.close().await;
-        log_end(&end);
+        self.metrics
+            .sessions
+            .with_label_values(&[self.version.as_str()])
+            .dec();
+        self.metrics
+            .subscriptions
+            .sub(self.subscriptions.len() as i64);
+        record_end(&end, &self.metrics);
     }
 }

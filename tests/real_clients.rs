@@ -55,3 +55,26 @@ async fn stomp_py_newspaper() {
     run("python3", &[script, "127.0.0.1".into(), port, unique("py")]).await;
     gw.stop().await;
 }
+
+/// The demo page at `/` in headless Chromium (Debian's, driven by
+/// playwright-core): two pages on no01 and one on no02; a line published
+/// to no01 shows on exactly the first two. Screenshots go to
+/// target/tmp/browser/ for a person to look at.
+#[tokio::test]
+async fn demo_page_in_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} not found: run scripts/test (it installs Debian's chromium)"
+    );
+    let gw = Gateway::start().await;
+    let script = format!("{}/tests/clients/browser.mjs", env!("CARGO_MANIFEST_DIR"));
+    let out = format!("{}/browser", env!("CARGO_TARGET_TMPDIR"));
+    run("node", &[script, gw.http_url(""), out.clone()]).await;
+    for shot in ["demo-reader1-no01.png", "demo-reader3-no02.png"] {
+        let path = Path::new(&out).join(shot);
+        assert!(path.exists(), "screenshot {} missing", path.display());
+        println!("screenshot: {}", path.display());
+    }
+    gw.stop().await;
+}

@@ -4,10 +4,11 @@
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete),
 //! consumed with manual acks and a prefetch, publisher confirms on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_lapin::{Hook, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::Map;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
@@ -20,6 +21,7 @@ use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consum
 use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::AmqpConfig;
 use crate::destination::Route;
+use crate::metrics::Metrics;
 
 /// STOMP headers that describe the frame itself, not the message: they
 /// never travel to RabbitMQ.
@@ -44,12 +46,17 @@ pub struct AmqpBroker {
     node_id: String,
     prefetch: u16,
     connect_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl AmqpBroker {
     /// Prepares the pool; connections are opened on first use, so the
     /// gateway starts (and `/readyz` says 503) while RabbitMQ is down.
-    pub fn new(config: &AmqpConfig, node_id: &str) -> Result<AmqpBroker, BrokerError> {
+    pub fn new(
+        config: &AmqpConfig,
+        node_id: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<AmqpBroker, BrokerError> {
         let name = format!("stompgate {node_id}");
         let pool_config = deadpool_lapin::Config {
             url: Some(config.url.clone()),
@@ -63,25 +70,38 @@ impl AmqpBroker {
                 ..PoolConfig::default()
             }),
         };
+        let opened = metrics.broker_connections_opened.clone();
         let pool = pool_config
-            .create_pool(
+            .builder(
                 move || ConnectionProperties::default().with_connection_name(name.clone().into()),
                 Runtime::Tokio1,
             )
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?
+            .post_create(Hook::sync_fn(move |_, _| {
+                opened.inc();
+                Ok(())
+            }))
+            .build()
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         Ok(AmqpBroker {
             pool,
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
             connect_timeout: config.connect_timeout,
+            metrics,
         })
     }
 
+    /// A pooled connection; whether one could be had sets `broker_up`.
     async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
-        self.pool
+        let connection = self
+            .pool
             .get()
             .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            .map_err(|e| BrokerError::Unavailable(e.to_string()));
+        let up = matches!(&connection, Ok(c) if c.status().connected());
+        self.metrics.broker_up.set(i64::from(up));
+        connection
     }
 }
 

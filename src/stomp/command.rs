@@ -61,6 +61,8 @@ impl AckMode {
 #[derive(Debug)]
 pub struct Connect {
     pub accept_version: Option<String>,
+    /// Not verified yet: shown to operators in /admin/sessions.
+    pub login: Option<String>,
     /// `(cx, cy)` in milliseconds: what the client sends, what it wants.
     pub heart_beat: (u64, u64),
 }
@@ -175,6 +177,7 @@ impl ClientCommand {
                 };
                 ClientCommand::Connect(Connect {
                     accept_version: frame.get("accept-version").map(str::to_owned),
+                    login: frame.get("login").map(str::to_owned),
                     heart_beat,
                 })
             }
@@ -278,7 +281,8 @@ pub fn receipt(receipt_id: &str) -> Frame {
 }
 
 /// ERROR with a short `message` and the detail in a text body.
-pub fn error(message: &str, detail: &str, receipt_id: Option<&str>) -> Frame {
+/// `message` is one of a fixed set of reasons (it labels a metric).
+pub fn error(message: &'static str, detail: &str, receipt_id: Option<&str>) -> Frame {
     let mut frame = Frame::new("ERROR")
         .header("message", message)
         .header("content-type", "text/plain");

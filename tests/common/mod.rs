@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use stompgate::broker::amqp::AmqpBroker;
 use stompgate::config::Config;
+use stompgate::metrics::Metrics;
 use stompgate::server;
 use stompgate::stomp::frame::{encode, Decoder, Frame, Limits};
 
@@ -79,13 +80,16 @@ impl Gateway {
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
-        let broker = AmqpBroker::new(&config.amqp, &config.server.node_id).expect("broker pool");
+        let metrics = Arc::new(Metrics::new().expect("metrics registry"));
+        let broker = AmqpBroker::new(&config.amqp, &config.server.node_id, metrics.clone())
+            .expect("broker pool");
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server::run(
             listener,
             config.clone(),
             broker,
+            metrics,
             shutdown.clone(),
         ));
         Gateway {

@@ -1,0 +1,183 @@
+//! Prometheus metrics for `GET /metrics`, every name prefixed `stompgate_`.
+//!
+//! Each gateway owns its registry (no process-global state), so several
+//! gateways in one test process count separately. Labels only take values
+//! from fixed sets: STOMP commands, versions, ERROR reasons.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket connections open, before and after CONNECT.
+    pub connections_open: IntGauge,
+    /// Connected STOMP sessions, by negotiated version.
+    pub sessions: IntGaugeVec,
+    pub subscriptions: IntGauge,
+    pub frames_received: IntCounterVec,
+    pub frames_sent: IntCounterVec,
+    /// SENDs the broker confirmed (routed or not).
+    pub messages_published: IntCounter,
+    /// Confirmed SENDs that no queue took (`routed:false`).
+    pub messages_unroutable: IntCounter,
+    pub publish_confirm_seconds: Histogram,
+    /// Messages taken from session queues.
+    pub deliveries: IntCounter,
+    /// MESSAGE frames written to clients (one per matching subscription).
+    pub messages_delivered: IntCounter,
+    /// Deliveries acked back to RabbitMQ.
+    pub deliveries_acked: IntCounter,
+    /// Deliveries returned to their queue by a client's NACK.
+    pub deliveries_requeued: IntCounter,
+    pub errors: IntCounterVec,
+    pub heartbeat_timeouts: IntCounter,
+    pub slow_client_disconnects: IntCounter,
+    /// 1 while the broker answers, 0 otherwise.
+    pub broker_up: IntGauge,
+    /// AMQP connections opened; beyond the pool size, these are reconnects.
+    pub broker_connections_opened: IntCounter,
+}
+
+/// Label value for frames: the command when it is a STOMP one, else a
+/// fixed placeholder, so a client cannot create label values.
+pub fn command_label(command: &str) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "CONNECT",
+        "STOMP",
+        "SEND",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "ACK",
+        "NACK",
+        "BEGIN",
+        "COMMIT",
+        "ABORT",
+        "DISCONNECT",
+        "CONNECTED",
+        "MESSAGE",
+        "RECEIPT",
+        "ERROR",
+        "HEARTBEAT",
+    ];
+    KNOWN.into_iter().find(|k| *k == command).unwrap_or("OTHER")
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(format!("stompgate_{name}"), help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        fn counter_vec(
+            registry: &Registry,
+            name: &str,
+            help: &str,
+            label: &str,
+        ) -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(format!("stompgate_{name}"), help), &[label])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(format!("stompgate_{name}"), help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        }
+        let sessions = IntGaugeVec::new(
+            Opts::new("stompgate_sessions", "Connected STOMP sessions by version"),
+            &["version"],
+        )?;
+        registry.register(Box::new(sessions.clone()))?;
+        let publish_confirm_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "stompgate_publish_confirm_seconds",
+                "Time from publishing a SEND to the broker's confirm",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        registry.register(Box::new(publish_confirm_seconds.clone()))?;
+        let r = &registry;
+        Ok(Metrics {
+            connections_open: gauge(r, "connections_open", "Open WebSocket connections")?,
+            sessions,
+            subscriptions: gauge(r, "subscriptions", "Live STOMP subscriptions")?,
+            frames_received: counter_vec(
+                r,
+                "frames_received_total",
+                "STOMP frames received, by command",
+                "command",
+            )?,
+            frames_sent: counter_vec(
+                r,
+                "frames_sent_total",
+                "STOMP frames and heart-beats sent, by command",
+                "command",
+            )?,
+            messages_published: counter(
+                r,
+                "messages_published_total",
+                "SENDs confirmed by the broker",
+            )?,
+            messages_unroutable: counter(
+                r,
+                "messages_unroutable_total",
+                "Confirmed SENDs no queue was bound for (routed:false)",
+            )?,
+            publish_confirm_seconds,
+            deliveries: counter(
+                r,
+                "deliveries_total",
+                "Messages received from session queues",
+            )?,
+            messages_delivered: counter(
+                r,
+                "messages_delivered_total",
+                "MESSAGE frames written to clients",
+            )?,
+            deliveries_acked: counter(
+                r,
+                "deliveries_acked_total",
+                "Deliveries acknowledged to the broker",
+            )?,
+            deliveries_requeued: counter(
+                r,
+                "deliveries_requeued_total",
+                "Deliveries returned to the queue by NACK",
+            )?,
+            errors: counter_vec(r, "errors_total", "ERROR frames sent, by reason", "reason")?,
+            heartbeat_timeouts: counter(
+                r,
+                "heartbeat_timeouts_total",
+                "Sessions closed for missing client heart-beats",
+            )?,
+            slow_client_disconnects: counter(
+                r,
+                "slow_client_disconnects_total",
+                "Sessions closed because a write stalled past stomp.slow_client_timeout",
+            )?,
+            broker_up: gauge(r, "broker_up", "1 while the broker is reachable")?,
+            broker_connections_opened: counter(
+                r,
+                "broker_connections_opened_total",
+                "AMQP connections opened (beyond amqp.pool_size: reconnects)",
+            )?,
+            registry,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

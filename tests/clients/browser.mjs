@@ -1,0 +1,67 @@
+// The demo page in headless Chromium, driven by playwright-core: three
+// readers, two on no01 and one on no02; a line published to no01 shows on
+// exactly the first two. Saves screenshots for a person to look at.
+//
+//   node tests/clients/browser.mjs http://127.0.0.1:8080 OUTPUT_DIR
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const [base, outDir] = process.argv.slice(2);
+if (!base || !outDir) {
+  console.error('usage: browser.mjs GATEWAY_HTTP_URL OUTPUT_DIR');
+  process.exit(2);
+}
+mkdirSync(outDir, { recursive: true });
+const fail = (why) => { console.error(`FAIL: ${why}`); process.exit(1); };
+setTimeout(() => fail('timed out after 60 s'), 60000).unref();
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+});
+try {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 700 } });
+  const open = async (paper) => {
+    const page = await context.newPage();
+    page.on('pageerror', (e) => fail(`page error: ${e.message}`));
+    await page.goto(base);
+    await page.waitForSelector('#state.connected', { timeout: 15000 });
+    await page.fill('#paper', paper);
+    await page.click('#subscribe');
+    // The chip turns "confirmed" on the SUBSCRIBE's RECEIPT: bound in RabbitMQ.
+    await page.waitForSelector(`.chip.confirmed[data-paper="${paper}"]`, { timeout: 15000 });
+    return page;
+  };
+  const reader1 = await open('no01');
+  const reader2 = await open('no01');
+  const reader3 = await open('no02');
+  const sessions = await Promise.all([reader1, reader2, reader3].map((p) => p.textContent('#session')));
+  if (new Set(sessions).size !== 3) fail(`sessions not distinct: ${sessions}`);
+
+  const line = `조간 1면 ${Date.now()}`;
+  await reader3.fill('#publish-paper', 'no01');
+  await reader3.fill('#line', line);
+  await reader3.click('#publish');
+  await reader3.waitForSelector('#receipt[data-routed="true"]', { timeout: 15000 });
+  for (const page of [reader1, reader2]) {
+    await page.waitForSelector(`#messages li[data-channel="no01"] >> text=${line}`, { timeout: 15000 });
+  }
+  // A marker on no02, published after the no01 line, reaches reader 3:
+  // had the no01 line reached it too, it would be there already.
+  await reader1.fill('#publish-paper', 'no02');
+  await reader1.fill('#line', 'no02 marker');
+  await reader1.click('#publish');
+  await reader3.waitForSelector('#messages li[data-channel="no02"] >> text=no02 marker', { timeout: 15000 });
+  const counts = await Promise.all([reader1, reader2, reader3].map((p) =>
+    p.$$eval('#messages li[data-channel]', (items) => items.map((i) => i.dataset.channel))));
+  const want = [['no01'], ['no01'], ['no02']];
+  if (JSON.stringify(counts) !== JSON.stringify(want)) fail(`pages show ${JSON.stringify(counts)}`);
+
+  await reader1.screenshot({ path: `${outDir}/demo-reader1-no01.png` });
+  await reader3.screenshot({ path: `${outDir}/demo-reader3-no02.png` });
+  console.log(JSON.stringify({ client: 'chromium', sessions, shown: counts, screenshots: outDir }));
+} finally {
+  await browser.close();
+}
+process.exit(0);
