@@ -331,3 +331,32 @@ async fn golden_server_frames() {
     client.disconnect().await;
     gw.stop().await;
 }
+
+/// The reason for the design: two gateway nodes on one RabbitMQ share the
+/// newspaper with no state of their own. A reader on one node gets what a
+/// writer on the other sends.
+#[tokio::test]
+async fn two_nodes_share_the_newspaper() {
+    let node_a = Gateway::start().await;
+    let node_b = Gateway::start().await;
+    assert_ne!(node_a.config.server.node_id, node_b.config.server.node_id);
+    let key = unique("scale");
+    let (mut reader_a, _) = Client::connect(&node_a).await;
+    reader_a.subscribe("s", &format!("/sub/{key}")).await;
+    let (mut reader_b, _) = Client::connect(&node_b).await;
+    reader_b.subscribe("s", &format!("/sub/{key}")).await;
+    let (mut writer_b, _) = Client::connect(&node_b).await;
+    for i in 0..10 {
+        writer_b.send(&format!("/pub/{key}"), &format!("from B {i}")).await;
+    }
+    for reader in [&mut reader_a, &mut reader_b] {
+        for i in 0..10 {
+            assert_eq!(body_text(&reader.recv_message().await), format!("from B {i}"));
+        }
+    }
+    for client in [reader_a, reader_b, writer_b] {
+        client.disconnect().await;
+    }
+    node_a.stop().await;
+    node_b.stop().await;
+}
