@@ -347,11 +347,16 @@ async fn two_nodes_share_the_newspaper() {
     reader_b.subscribe("s", &format!("/sub/{key}")).await;
     let (mut writer_b, _) = Client::connect(&node_b).await;
     for i in 0..10 {
-        writer_b.send(&format!("/pub/{key}"), &format!("from B {i}")).await;
+        writer_b
+            .send(&format!("/pub/{key}"), &format!("from B {i}"))
+            .await;
     }
     for reader in [&mut reader_a, &mut reader_b] {
         for i in 0..10 {
-            assert_eq!(body_text(&reader.recv_message().await), format!("from B {i}"));
+            assert_eq!(
+                body_text(&reader.recv_message().await),
+                format!("from B {i}")
+            );
         }
     }
     for client in [reader_a, reader_b, writer_b] {
