@@ -66,6 +66,14 @@ pub struct StompConfig {
 #[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
     pub url: String,
+    /// More brokers (a cluster's other nodes), tried after `url` in turn.
+    pub urls: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    pub queue_max_length: u32,
+    pub queue_overflow: Overflow,
     pub exchange: String,
     pub prefetch: u16,
     pub pool_size: usize,
@@ -73,6 +81,32 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+}
+
+/// What RabbitMQ does when a session's queue is full (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Drop the oldest messages: a stuck reader loses old news, not new.
+    DropHead,
+    /// Refuse new messages (publishers see them as not routed to this queue).
+    RejectPublish,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::DropHead => "drop-head",
+            Overflow::RejectPublish => "reject-publish",
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// Every broker to try, `url` first.
+    pub fn all_urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.urls.iter().map(String::as_str))
+    }
 }
 
 impl Config {
@@ -100,6 +134,7 @@ impl Config {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("server.allowed_origins")
+            .with_list_parse_key("amqp.urls")
             .source(env);
         let config: Config = builder.add_source(env).build()?.try_deserialize()?;
         config.validate()
@@ -120,6 +155,23 @@ impl Config {
         let uri: Result<lapin::uri::AMQPUri, _> = self.amqp.url.parse();
         if let Err(reason) = uri {
             return Err(invalid("amqp.url", format!("not an AMQP URL: {reason}")));
+        }
+        for url in &self.amqp.urls {
+            if let Err(reason) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid(
+                    "amqp.urls",
+                    format!("{url:?}: not an AMQP URL: {reason}"),
+                ));
+            }
+        }
+        if self.amqp.reconnect_max < self.amqp.reconnect_min {
+            return Err(invalid(
+                "amqp.reconnect_max",
+                "must not be below amqp.reconnect_min",
+            ));
+        }
+        if self.amqp.queue_max_length == 0 {
+            return Err(invalid("amqp.queue_max_length", "must be at least 1"));
         }
         if self.amqp.exchange.is_empty() || self.amqp.exchange.len() > 255 {
             return Err(invalid("amqp.exchange", "must be 1 to 255 bytes"));
@@ -152,6 +204,7 @@ impl Config {
             ("stomp.slow_client_timeout", s.slow_client_timeout),
             ("amqp.connect_timeout", self.amqp.connect_timeout),
             ("amqp.publish_timeout", self.amqp.publish_timeout),
+            ("amqp.reconnect_min", self.amqp.reconnect_min),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than 0"));

@@ -36,8 +36,12 @@ pub struct Metrics {
     pub slow_client_disconnects: IntCounter,
     /// 1 while the broker answers, 0 otherwise.
     pub broker_up: IntGauge,
-    /// AMQP connections opened; beyond the pool size, these are reconnects.
+    /// AMQP connections opened.
     pub broker_connections_opened: IntCounter,
+    /// Connections opened after the broker had been lost.
+    pub broker_reconnects: IntCounter,
+    /// Sessions whose queue was restored after a broker outage.
+    pub sessions_recovered: IntCounter,
 }
 
 /// Label value for frames: the command when it is a STOMP one, else a
@@ -165,7 +169,17 @@ impl Metrics {
             broker_connections_opened: counter(
                 r,
                 "broker_connections_opened_total",
-                "AMQP connections opened (beyond amqp.pool_size: reconnects)",
+                "AMQP connections opened",
+            )?,
+            broker_reconnects: counter(
+                r,
+                "broker_reconnects_total",
+                "AMQP connections opened after the broker had been lost",
+            )?,
+            sessions_recovered: counter(
+                r,
+                "sessions_recovered_total",
+                "Sessions whose queue, bindings and consumer were restored after a broker outage",
             )?,
             registry,
         })

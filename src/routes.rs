@@ -147,6 +147,15 @@ fn upgrade<B: Broker>(
         return reply::with_status("server shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
             .into_response();
     }
+    // Sessions already open ride out a broker outage; new ones would only
+    // wait for it, so they are turned away with the reason.
+    if !state.broker.is_up() {
+        return reply::with_status(
+            "broker unavailable: try again shortly\n",
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .into_response();
+    }
     if let Some(origin) = headers.get("origin") {
         let origin = origin.to_str().unwrap_or_default();
         if !origin_allowed(&state.config.server.allowed_origins, origin) {

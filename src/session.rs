@@ -9,10 +9,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +35,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Header on the first MESSAGE of each subscription after the broker was
+/// lost and the session restored: messages published meanwhile may have
+/// been missed.
+pub const GAP_HEADER: &str = "stompgate-gap";
 
 /// What a session needs from the server.
 pub struct SessionContext<B> {
@@ -101,37 +105,59 @@ enum End {
     Shutdown,
 }
 
-/// A receipt to send once everything queued before it has been confirmed.
-/// Confirms and receipts share one ordered queue, so receipts go out in the
-/// order of the frames that asked for them, each after its own publish.
-struct Pending<C> {
-    /// The publish's confirm and when it was published.
-    confirm: Option<(C, Instant)>,
+/// A SEND on its way to the broker, or the receipt of another frame
+/// waiting its turn. Kept in frame order until settled, so receipts go out
+/// in order, each after its own publish is confirmed; a SEND keeps its
+/// message, so what the broker had not confirmed when it was lost can be
+/// published again once it is back.
+struct InFlight<C> {
     receipt: Option<String>,
+    /// None for the receipt of a frame other than SEND.
+    message: Option<Publish>,
+    /// The broker's pending confirm; None while the message waits for the
+    /// broker to come back.
+    confirm: Option<C>,
+    /// When the client sent it: `amqp.publish_timeout` counts from here.
+    since: Instant,
+    /// When it was (last) published: the confirm latency counts from here.
+    published: Instant,
 }
 
-/// A settled [`Pending`]: the receipt to send, and the publish's outcome
-/// with the time its confirm took.
-type Settled = (
-    Option<String>,
-    Result<Option<(Confirmed, Duration)>, BrokerError>,
-);
+impl<C> InFlight<C> {
+    /// Whether this entry can settle now (a receipt marker, or a publish
+    /// with a confirm to wait for), as opposed to waiting for the broker.
+    fn settleable(&self) -> bool {
+        self.message.is_none() || self.confirm.is_some()
+    }
+}
 
-impl<C> Future for Pending<C>
+/// Settles the oldest in-flight entry: its confirm's outcome (None for a
+/// receipt marker). Cancel-safe: the confirm stays in the queue until it
+/// resolves.
+async fn settle_front<C>(
+    in_flight: &mut VecDeque<InFlight<C>>,
+) -> Result<Option<Confirmed>, BrokerError>
 where
     C: Future<Output = Result<Confirmed, BrokerError>> + Unpin,
 {
-    type Output = Settled;
+    std::future::poll_fn(|cx| match in_flight.front_mut() {
+        Some(InFlight {
+            confirm: Some(confirm),
+            ..
+        }) => Pin::new(confirm).poll(cx).map(|r| r.map(Some)),
+        _ => Poll::Ready(Ok(None)),
+    })
+    .await
+}
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
-        let result = match self.confirm.as_mut() {
-            Some((confirm, started)) => match Pin::new(confirm).poll(cx) {
-                Poll::Ready(result) => result.map(|c| Some((c, started.elapsed()))),
-                Poll::Pending => return Poll::Pending,
-            },
-            None => Ok(None),
-        };
-        Poll::Ready((self.receipt.take(), result))
+/// The next delivery of the session's queue, or never while the broker is
+/// being reconnected. Cancel-safe, like `BrokerSession::next_delivery`.
+async fn next_delivery<S: BrokerSession>(
+    broker: &mut Option<S>,
+) -> Option<Result<Delivery, BrokerError>> {
+    match broker {
+        Some(broker) => broker.next_delivery().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -142,6 +168,8 @@ struct Subscription {
     /// Message numbers sent on this subscription and not yet acked, oldest
     /// first (a `client`-mode ACK covers every earlier one).
     unacked: VecDeque<u64>,
+    /// Set when the broker was lost: the next MESSAGE carries the gap header.
+    gap: bool,
 }
 
 /// A SEND, ACK or NACK held back until its transaction commits.
@@ -155,11 +183,6 @@ enum Deferred {
 struct Transaction {
     frames: Vec<Deferred>,
     bytes: usize,
-}
-
-enum Flow {
-    Continue,
-    Disconnect,
 }
 
 /// Runs one WebSocket connection to its end.
@@ -262,7 +285,10 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         metrics: ctx.metrics.clone(),
         _registration: ctx.sessions.register(entry.clone()),
         entry,
-        broker,
+        factory: ctx.broker.clone(),
+        broker: Some(broker),
+        reconnect_at: Instant::now(),
+        reconnect_failures: 0,
         conn,
         subscriptions: Vec::new(),
         bindings: HashMap::new(),
@@ -270,7 +296,8 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         unacked: HashMap::new(),
         awaiting_acks: HashMap::new(),
         next_message: 0,
-        pending: FuturesOrdered::new(),
+        in_flight: VecDeque::new(),
+        disconnecting: None,
         send_every: (send_every > 0).then(|| Duration::from_millis(send_every)),
         expect_every: (expect_every > 0).then(|| Duration::from_millis(expect_every)),
     };
@@ -283,7 +310,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         Ok(()) => {
             info!(
                 version = version.as_str(),
-                queue = session.broker.queue_name(),
+                queue = %session.entry.queue,
                 "session opened"
             );
             session.run(&ctx.shutdown).await
@@ -476,7 +503,7 @@ impl Connection {
     }
 }
 
-struct Session<S: BrokerSession> {
+struct Session<B: Broker> {
     id: String,
     version: Version,
     config: Arc<Config>,
@@ -485,7 +512,13 @@ struct Session<S: BrokerSession> {
     entry: Arc<SessionEntry>,
     /// Removes the entry when the session is dropped.
     _registration: Registration,
-    broker: S,
+    /// Opens the session's queue again after the broker was lost.
+    factory: B,
+    /// The session's queue and channel; None while reconnecting.
+    broker: Option<B::Session>,
+    /// While reconnecting: when to try next, and how many tries failed.
+    reconnect_at: Instant,
+    reconnect_failures: u32,
     conn: Connection,
     /// In SUBSCRIBE order, so a delivery matching several subscriptions
     /// produces its MESSAGE frames in a stable order.
@@ -501,37 +534,58 @@ struct Session<S: BrokerSession> {
     /// the delivery is acked to RabbitMQ when this reaches zero.
     awaiting_acks: HashMap<u64, usize>,
     next_message: u64,
-    pending: FuturesOrdered<Pending<S::Confirm>>,
+    in_flight: VecDeque<InFlight<<B::Session as BrokerSession>::Confirm>>,
+    /// Set by DISCONNECT (with its receipt): no more frames are read, and
+    /// the session ends once everything before it has settled.
+    disconnecting: Option<Option<String>>,
     send_every: Option<Duration>,
     expect_every: Option<Duration>,
 }
 
-impl<S: BrokerSession> Session<S> {
+impl<B: Broker> Session<B> {
     async fn run(&mut self, shutdown: &CancellationToken) -> End {
         // Frames that came in the same WebSocket message as CONNECT.
         if let Some(end) = self.process_buffered().await {
             return end;
         }
         let max_unconfirmed = self.config.stomp.max_unconfirmed;
+        let publish_timeout = self.config.amqp.publish_timeout;
         loop {
+            if self.in_flight.is_empty() {
+                if let Some(receipt) = self.disconnecting.take() {
+                    self.conn
+                        .finish(receipt.map(|r| command::receipt(&r)), CLOSE_NORMAL)
+                        .await;
+                    return End::Disconnected;
+                }
+            }
             let far = Instant::now() + Duration::from_secs(86_400);
             let heartbeat_due = self.send_every.map_or(far, |d| self.conn.last_write + d);
             let silence_limit = self
                 .expect_every
                 .map_or(far, |d| self.conn.last_read + d * 2);
+            let oldest_send = self
+                .in_flight
+                .front()
+                .filter(|f| f.message.is_some())
+                .map(|f| f.since + publish_timeout);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
                 // Confirms first: a channel error caused by a publish is
                 // reported with the publish's own reason.
-                Some(settled) = self.pending.next(), if !self.pending.is_empty() => {
-                    if let Err(end) = self.settle(settled).await {
+                settled = settle_front(&mut self.in_flight),
+                    if self.in_flight.front().is_some_and(InFlight::settleable) =>
+                {
+                    if let Err(end) = self.settled(settled).await {
                         return end;
                     }
                 }
                 // Cancel-safe (Stream::next). Not read while too many
                 // publishes wait for confirms: back-pressure, not buffering.
-                inbound = self.conn.read(), if self.pending.len() < max_unconfirmed => {
+                inbound = self.conn.read(),
+                    if self.disconnecting.is_none() && self.in_flight.len() < max_unconfirmed =>
+                {
                     match inbound {
                         Inbound::Bytes => {
                             if let Some(end) = self.process_buffered().await {
@@ -541,8 +595,7 @@ impl<S: BrokerSession> Session<S> {
                         Inbound::End(end) => return end,
                     }
                 }
-                // Cancel-safe: see BrokerSession::next_delivery.
-                delivery = self.broker.next_delivery() => {
+                delivery = next_delivery(&mut self.broker) => {
                     let error = match delivery {
                         Some(Ok(delivery)) => match self.deliver(delivery).await {
                             Ok(()) => continue,
@@ -553,7 +606,21 @@ impl<S: BrokerSession> Session<S> {
                             "the broker cancelled the session's consumer".into(),
                         ),
                     };
-                    return self.fail(error.into(), None).await;
+                    if let Err(e) = self.check(Err::<(), _>(error)).await {
+                        return self.fail(e, None).await;
+                    }
+                }
+                _ = sleep_until(self.reconnect_at), if self.broker.is_none() => {
+                    if let Err(e) = self.reconnect().await {
+                        return self.fail(e, None).await;
+                    }
+                }
+                _ = sleep_until(oldest_send.unwrap_or(far)), if oldest_send.is_some() => {
+                    let receipt = self.in_flight.front().and_then(|f| f.receipt.clone());
+                    let error = BrokerError::Unavailable(format!(
+                        "the broker did not confirm a SEND within amqp.publish_timeout ({publish_timeout:?})"
+                    ));
+                    return self.fail(error.into(), receipt.as_deref()).await;
                 }
                 _ = sleep_until(heartbeat_due), if self.send_every.is_some() => {
                     self.metrics.frames_sent.with_label_values(&["HEARTBEAT"]).inc();
@@ -574,9 +641,107 @@ impl<S: BrokerSession> Session<S> {
         }
     }
 
+    /// Passes a broker result on, except that losing the broker is not the
+    /// client's problem: the session keeps going and reconnects.
+    async fn check<T>(
+        &mut self,
+        result: Result<T, BrokerError>,
+    ) -> Result<Option<T>, SessionError> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(BrokerError::Unavailable(why)) => {
+                self.lose_broker(&why).await;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The broker connection is gone: drop the session's side of it and
+    /// start reconnecting. What was delivered but not yet acked went with
+    /// the queue; unconfirmed SENDs will be published again.
+    async fn lose_broker(&mut self, why: &str) {
+        let Some(broker) = self.broker.take() else {
+            return;
+        };
+        warn!(
+            error = why,
+            "broker lost: keeping the session and reconnecting"
+        );
+        broker.close().await;
+        for flight in &mut self.in_flight {
+            flight.confirm = None;
+        }
+        self.unacked.clear();
+        self.awaiting_acks.clear();
+        for subscription in &mut self.subscriptions {
+            subscription.unacked.clear();
+            subscription.gap = true;
+        }
+        self.reconnect_failures = 0;
+        self.reconnect_at = Instant::now();
+    }
+
+    /// One attempt to restore the session on the broker: the same queue,
+    /// its bindings, its consumer, then the unconfirmed SENDs in order.
+    async fn reconnect(&mut self) -> Result<(), SessionError> {
+        let mut broker = match self.factory.open(&self.id).await {
+            Ok(broker) => broker,
+            Err(BrokerError::Unavailable(why)) => {
+                self.reconnect_failures = self.reconnect_failures.saturating_add(1);
+                let amqp = &self.config.amqp;
+                let doubling = 2u32.saturating_pow(self.reconnect_failures.min(16));
+                let delay = (amqp.reconnect_min * doubling).min(amqp.reconnect_max);
+                debug!(error = why, ?delay, "broker still unavailable");
+                self.reconnect_at = Instant::now() + delay;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let restored = async {
+            for route in self.bindings.keys() {
+                broker.bind(route).await?;
+            }
+            let now = Instant::now();
+            for flight in &mut self.in_flight {
+                if let Some(message) = &flight.message {
+                    flight.confirm = Some(broker.publish(message).await?);
+                    flight.published = now;
+                }
+            }
+            Ok::<_, BrokerError>(())
+        }
+        .await;
+        match restored {
+            Ok(()) => {
+                info!(
+                    republished = self
+                        .in_flight
+                        .iter()
+                        .filter(|f| f.message.is_some())
+                        .count(),
+                    "broker back: session restored"
+                );
+                self.metrics.sessions_recovered.inc();
+                self.broker = Some(broker);
+                Ok(())
+            }
+            Err(e) => {
+                broker.close().await;
+                let retry = matches!(e, BrokerError::Unavailable(_));
+                if retry {
+                    self.reconnect_at = Instant::now() + self.config.amqp.reconnect_min;
+                    Ok(())
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
+    }
+
     /// Handles every complete frame the decoder holds.
     async fn process_buffered(&mut self) -> Option<End> {
-        loop {
+        while self.disconnecting.is_none() {
             let frame = match self.conn.decoder.next_frame() {
                 Ok(Some(frame)) => {
                     self.conn.count_received(&frame);
@@ -590,32 +755,32 @@ impl<S: BrokerSession> Session<S> {
                 Ok(command) => self.handle(command, receipt.as_deref()).await,
                 Err(e) => Err(e.into()),
             };
-            match result {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Disconnect) => return Some(self.disconnect(receipt).await),
-                Err(e) => return Some(self.fail(e, receipt.as_deref()).await),
+            if let Err(e) = result {
+                return Some(self.fail(e, receipt.as_deref()).await);
             }
         }
+        None
     }
 
     async fn handle(
         &mut self,
         command: ClientCommand,
         receipt: Option<&str>,
-    ) -> Result<Flow, SessionError> {
+    ) -> Result<(), SessionError> {
         match command {
             ClientCommand::Connect(_) => {
                 return Err(SessionError::Protocol(
                     "CONNECT on a session that is already connected".into(),
                 ))
             }
-            ClientCommand::Disconnect => return Ok(Flow::Disconnect),
+            ClientCommand::Disconnect => {
+                // The RECEIPT goes out after everything sent before it.
+                self.disconnecting = Some(receipt.map(str::to_owned));
+                return Ok(());
+            }
             ClientCommand::Send(send) => match send.transaction.clone() {
                 Some(tx) => self.defer(&tx, Deferred::Send(send))?,
-                None => {
-                    self.publish(send, receipt).await?;
-                    return Ok(Flow::Continue);
-                }
+                None => return self.publish(send, receipt).await,
             },
             ClientCommand::Subscribe {
                 id,
@@ -660,14 +825,18 @@ impl<S: BrokerSession> Session<S> {
                 self.take_transaction(&transaction)?;
             }
         }
-        // Behind any pending confirms, so receipts keep the frames' order.
+        // Behind any unsettled SENDs, so receipts keep the frames' order.
         if let Some(receipt) = receipt {
-            self.pending.push_back(Pending {
-                confirm: None,
+            let now = Instant::now();
+            self.in_flight.push_back(InFlight {
                 receipt: Some(receipt.to_owned()),
+                message: None,
+                confirm: None,
+                since: now,
+                published: now,
             });
         }
-        Ok(Flow::Continue)
+        Ok(())
     }
 
     fn take_transaction(&mut self, name: &str) -> Result<Transaction, SessionError> {
@@ -702,7 +871,8 @@ impl<S: BrokerSession> Session<S> {
         Ok(())
     }
 
-    /// Publishes a SEND; its confirm (and receipt) join the ordered queue.
+    /// Publishes a SEND (or holds it while the broker is away); its confirm
+    /// and receipt join the in-flight queue.
     async fn publish(
         &mut self,
         send: command::Send,
@@ -716,10 +886,20 @@ impl<S: BrokerSession> Session<S> {
             headers: send.headers,
             body: send.body,
         };
-        let confirm = self.broker.publish(message).await?;
-        self.pending.push_back(Pending {
-            confirm: Some((confirm, Instant::now())),
+        let confirm = match self.broker.as_mut() {
+            Some(broker) => {
+                let result = broker.publish(&message).await;
+                self.check(result).await?
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        self.in_flight.push_back(InFlight {
             receipt: receipt.map(str::to_owned),
+            message: Some(message),
+            confirm,
+            since: now,
+            published: now,
         });
         Ok(())
     }
@@ -745,8 +925,10 @@ impl<S: BrokerSession> Session<S> {
         let destination =
             Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
         let users = self.bindings.get(&destination.route).copied().unwrap_or(0);
-        if users == 0 {
-            self.broker.bind(&destination.route).await?;
+        // While reconnecting, the binding is made when the queue is back.
+        if let (0, Some(broker)) = (users, self.broker.as_mut()) {
+            let result = broker.bind(&destination.route).await;
+            self.check(result).await?;
         }
         self.bindings.insert(destination.route.clone(), users + 1);
         debug!(id, destination = ?destination.route, "subscribed");
@@ -757,6 +939,7 @@ impl<S: BrokerSession> Session<S> {
             destination,
             ack,
             unacked: VecDeque::new(),
+            gap: false,
         });
         Ok(())
     }
@@ -788,7 +971,10 @@ impl<S: BrokerSession> Session<S> {
         };
         if last_user {
             self.bindings.remove(&route);
-            self.broker.unbind(&route).await?;
+            if let Some(broker) = self.broker.as_mut() {
+                let result = broker.unbind(&route).await;
+                self.check(result).await?;
+            }
         }
         Ok(())
     }
@@ -833,21 +1019,30 @@ impl<S: BrokerSession> Session<S> {
             if delivery.redelivered {
                 frame = frame.header("redelivered", "true");
             }
+            if std::mem::take(&mut subscription.gap) {
+                // The first MESSAGE after a broker outage: what was
+                // published during it may not have reached this queue.
+                frame = frame.header(GAP_HEADER, "true");
+            }
             frame.headers.extend(delivery.headers.iter().cloned());
             frame.body = delivery.body.clone();
             self.conn.write(&frame).await?;
             self.metrics.messages_delivered.inc();
             self.entry.messages_out.fetch_add(1, Ordering::Relaxed);
         }
-        if awaiting == 0 {
-            // Auto mode (or a message for a subscription that has just
-            // gone): written to the socket, so done.
-            if let Err(e) = self.broker.ack(delivery.tag).await {
-                return Err(self.fail(e.into(), None).await);
-            }
-            self.metrics.deliveries_acked.inc();
-        } else {
+        if awaiting > 0 {
             self.awaiting_acks.insert(delivery.tag, awaiting);
+            return Ok(());
+        }
+        // Auto mode (or a message for a subscription that has just gone):
+        // written to the socket, so done.
+        if let Some(broker) = self.broker.as_mut() {
+            let result = broker.ack(delivery.tag).await;
+            match self.check(result).await {
+                Ok(Some(())) => self.metrics.deliveries_acked.inc(),
+                Ok(None) => {}
+                Err(e) => return Err(self.fail(e, None).await),
+            }
         }
         Ok(())
     }
@@ -860,7 +1055,8 @@ impl<S: BrokerSession> Session<S> {
             )));
         };
         // An id already settled (e.g. covered by an earlier cumulative
-        // ACK) is not an error: clients may ACK every message anyway.
+        // ACK, or gone with the broker) is not an error: clients may ACK
+        // every message anyway.
         let Some((subscription_id, _)) = self.unacked.get(&number) else {
             debug!(number, "ACK/NACK of a message already settled");
             return Ok(());
@@ -903,10 +1099,15 @@ impl<S: BrokerSession> Session<S> {
         };
         if positive {
             *remaining -= 1;
-            if *remaining == 0 {
-                self.awaiting_acks.remove(&tag);
-                self.broker.ack(tag).await?;
-                self.metrics.deliveries_acked.inc();
+            if *remaining > 0 {
+                return Ok(());
+            }
+            self.awaiting_acks.remove(&tag);
+            if let Some(broker) = self.broker.as_mut() {
+                let result = broker.ack(tag).await;
+                if self.check(result).await?.is_some() {
+                    self.metrics.deliveries_acked.inc();
+                }
             }
             return Ok(());
         }
@@ -928,30 +1129,44 @@ impl<S: BrokerSession> Session<S> {
                 }
             }
         }
-        self.broker.nack(tag, true).await?;
-        self.metrics.deliveries_requeued.inc();
+        if let Some(broker) = self.broker.as_mut() {
+            let result = broker.nack(tag, true).await;
+            if self.check(result).await?.is_some() {
+                self.metrics.deliveries_requeued.inc();
+            }
+        }
         Ok(())
     }
 
-    /// A confirm arrived (or a receipt's turn came).
-    async fn settle(&mut self, (receipt, result): Settled) -> Result<(), End> {
-        match result {
-            Ok(confirmed) => {
-                if let Some((confirmed, took)) = confirmed {
-                    self.count_confirm(confirmed, took);
-                }
-                let Some(receipt) = receipt else {
-                    return Ok(());
-                };
-                let mut frame = command::receipt(&receipt);
-                if let Some((confirmed, _)) = confirmed {
-                    let routed = confirmed == Confirmed::Routed;
-                    frame = frame.header("routed", routed.to_string());
-                }
-                self.conn.write(&frame).await
+    /// The oldest in-flight entry settled: send its receipt, or report why
+    /// the broker refused, or go reconnecting if the broker went away.
+    async fn settled(&mut self, result: Result<Option<Confirmed>, BrokerError>) -> Result<(), End> {
+        let confirmed = match result {
+            Ok(confirmed) => confirmed,
+            Err(BrokerError::Unavailable(why)) => {
+                self.lose_broker(&why).await;
+                return Ok(());
             }
-            Err(e) => Err(self.fail(e.into(), receipt.as_deref()).await),
+            Err(e) => {
+                let receipt = self.in_flight.front().and_then(|f| f.receipt.clone());
+                return Err(self.fail(e.into(), receipt.as_deref()).await);
+            }
+        };
+        let Some(flight) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        if let Some(confirmed) = confirmed {
+            self.count_confirm(confirmed, flight.published.elapsed());
         }
+        let Some(receipt) = flight.receipt else {
+            return Ok(());
+        };
+        let mut frame = command::receipt(&receipt);
+        if let Some(confirmed) = confirmed {
+            let routed = confirmed == Confirmed::Routed;
+            frame = frame.header("routed", routed.to_string());
+        }
+        self.conn.write(&frame).await
     }
 
     fn count_confirm(&self, confirmed: Confirmed, took: Duration) {
@@ -964,33 +1179,37 @@ impl<S: BrokerSession> Session<S> {
             .observe(took.as_secs_f64());
     }
 
-    /// Waits for outstanding confirms, sending their receipts, within
-    /// `amqp.publish_timeout`.
-    async fn drain(&mut self) -> Result<(), End> {
+    /// Settles what can settle within `amqp.publish_timeout`: confirms
+    /// still on their way (with their receipts when `receipts`). SENDs held
+    /// for a broker that is away stay unconfirmed and get no receipt.
+    async fn drain(&mut self, receipts: bool) -> Result<(), End> {
         let limit = self.config.amqp.publish_timeout;
         let drained = timeout(limit, async {
-            while let Some(settled) = self.pending.next().await {
-                self.settle(settled).await?;
+            while self.in_flight.front().is_some_and(InFlight::settleable) {
+                let result = settle_front(&mut self.in_flight).await;
+                match (receipts, result) {
+                    (true, result) => self.settled(result).await?,
+                    (false, Ok(Some(confirmed))) => {
+                        if let Some(flight) = self.in_flight.pop_front() {
+                            self.count_confirm(confirmed, flight.published.elapsed());
+                        }
+                    }
+                    (false, Ok(None)) => {
+                        self.in_flight.pop_front();
+                    }
+                    (false, Err(_)) => break,
+                }
             }
             Ok(())
         })
         .await;
         drained.unwrap_or_else(|_| {
             warn!(
-                unconfirmed = self.pending.len(),
+                unconfirmed = self.in_flight.len(),
                 "publishes still unconfirmed after amqp.publish_timeout"
             );
             Ok(())
         })
-    }
-
-    async fn disconnect(&mut self, receipt: Option<String>) -> End {
-        if let Err(end) = self.drain().await {
-            return end;
-        }
-        let last = receipt.map(|r| command::receipt(&r));
-        self.conn.finish(last, CLOSE_NORMAL).await;
-        End::Disconnected
     }
 
     async fn fail(&mut self, error: SessionError, receipt: Option<&str>) -> End {
@@ -1001,7 +1220,7 @@ impl<S: BrokerSession> Session<S> {
     /// in-flight publishes are confirmed, the queue and channel go.
     async fn close(mut self, end: End) {
         if let End::Shutdown = end {
-            if self.drain().await.is_ok() {
+            if self.drain(true).await.is_ok() {
                 self.conn
                     .finish(Some(shutting_down()), CLOSE_GOING_AWAY)
                     .await;
@@ -1009,15 +1228,10 @@ impl<S: BrokerSession> Session<S> {
         }
         // Publishes already sent reach RabbitMQ before the channel closes;
         // waiting here keeps their confirms from being cut off.
-        let _ = timeout(self.config.amqp.publish_timeout, async {
-            while let Some((_, result)) = self.pending.next().await {
-                if let Ok(Some((confirmed, took))) = result {
-                    self.count_confirm(confirmed, took);
-                }
-            }
-        })
-        .await;
-        self.broker.close().await;
+        let _ = self.drain(false).await;
+        if let Some(broker) = self.broker.take() {
+            broker.close().await;
+        }
         self.metrics
             .sessions
             .with_label_values(&[self.version.as_str()])

@@ -206,12 +206,19 @@ async fn health_and_readiness() {
     assert_eq!(healthz.status(), 200);
     let readyz = http.get(gw.http_url("/readyz")).send().await.unwrap();
     assert_eq!(readyz.status(), 503);
-    // And a STOMP client is told why, instead of hanging.
-    let mut client = Client::open(&gw).await;
-    client
-        .send_frame(&Frame::new("CONNECT").header("accept-version", "1.2"))
-        .await;
-    let error = client.expect_error().await;
-    assert_eq!(error.get("message"), Some("broker unavailable"));
+    // New WebSocket connections are turned away with the reason, instead
+    // of waiting for a broker that is not there.
+    let request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(gw.ws_url())
+            .unwrap();
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                .into_owned();
+            assert!(body.contains("broker unavailable"), "{body}");
+        }
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
     gw.stop().await;
 }

@@ -1,9 +1,12 @@
 //! RabbitMQ behind the broker port, with lapin and a deadpool-lapin pool.
 //!
 //! Each session gets its own AMQP channel on a pooled connection, and on it
-//! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete),
-//! consumed with manual acks and a prefetch, publisher confirms on.
+//! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
+//! bounded length), consumed with manual acks and a prefetch, publisher
+//! confirms on. One pool per broker URL: when one broker cannot give a
+//! connection, the next is tried.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consumer};
 
 use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, Overflow};
 use crate::destination::Route;
 use crate::metrics::Metrics;
 
@@ -42,24 +45,65 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct AmqpBroker {
-    pool: Pool,
+    /// One per broker URL, in config order.
+    pools: Arc<[Pool]>,
+    /// The pool that gave the last good connection: tried first.
+    current: Arc<AtomicUsize>,
+    health: Arc<Health>,
     node_id: String,
     prefetch: u16,
+    queue_max_length: u32,
+    queue_overflow: Overflow,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
+/// Whether the broker answered lately, and whether a connection was lost
+/// since the last one was opened (so the next opening is a reconnect).
+struct Health {
+    up: AtomicBool,
+    lost: AtomicBool,
+}
+
 impl AmqpBroker {
-    /// Prepares the pool; connections are opened on first use, so the
+    /// Prepares the pools; connections are opened on first use, so the
     /// gateway starts (and `/readyz` says 503) while RabbitMQ is down.
     pub fn new(
         config: &AmqpConfig,
         node_id: &str,
         metrics: Arc<Metrics>,
     ) -> Result<AmqpBroker, BrokerError> {
+        let health = Arc::new(Health {
+            up: AtomicBool::new(true),
+            lost: AtomicBool::new(false),
+        });
+        let pools = config
+            .all_urls()
+            .map(|url| Self::pool(config, url, node_id, &metrics, &health))
+            .collect::<Result<Vec<Pool>, BrokerError>>()?;
+        Ok(AmqpBroker {
+            pools: pools.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            health,
+            node_id: node_id.to_owned(),
+            prefetch: config.prefetch,
+            queue_max_length: config.queue_max_length,
+            queue_overflow: config.queue_overflow,
+            connect_timeout: config.connect_timeout,
+            metrics,
+        })
+    }
+
+    fn pool(
+        config: &AmqpConfig,
+        url: &str,
+        node_id: &str,
+        metrics: &Metrics,
+        health: &Arc<Health>,
+    ) -> Result<Pool, BrokerError> {
         let name = format!("stompgate {node_id}");
         let pool_config = deadpool_lapin::Config {
-            url: Some(config.url.clone()),
+            url: Some(url.to_owned()),
             pool: Some(PoolConfig {
                 max_size: config.pool_size,
                 timeouts: Timeouts {
@@ -71,7 +115,9 @@ impl AmqpBroker {
             }),
         };
         let opened = metrics.broker_connections_opened.clone();
-        let pool = pool_config
+        let reconnects = metrics.broker_reconnects.clone();
+        let health = health.clone();
+        pool_config
             .builder(
                 move || ConnectionProperties::default().with_connection_name(name.clone().into()),
                 Runtime::Tokio1,
@@ -79,29 +125,42 @@ impl AmqpBroker {
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?
             .post_create(Hook::sync_fn(move |_, _| {
                 opened.inc();
+                if health.lost.swap(false, Ordering::Relaxed) {
+                    reconnects.inc();
+                }
                 Ok(())
             }))
             .build()
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        Ok(AmqpBroker {
-            pool,
-            node_id: node_id.to_owned(),
-            prefetch: config.prefetch,
-            connect_timeout: config.connect_timeout,
-            metrics,
-        })
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 
-    /// A pooled connection; whether one could be had sets `broker_up`.
-    async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
-        let connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()));
-        let up = matches!(&connection, Ok(c) if c.status().connected());
+    fn set_up(&self, up: bool) {
+        self.health.up.store(up, Ordering::Relaxed);
+        if !up {
+            self.health.lost.store(true, Ordering::Relaxed);
+        }
         self.metrics.broker_up.set(i64::from(up));
-        connection
+    }
+
+    /// A live pooled connection, from the broker that gave the last one or
+    /// else the next in turn; whether one could be had sets `broker_up`.
+    async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failure = String::from("no broker configured");
+        for i in 0..self.pools.len() {
+            let index = (first + i) % self.pools.len();
+            match self.pools[index].get().await {
+                Ok(connection) if connection.status().connected() => {
+                    self.current.store(index, Ordering::Relaxed);
+                    self.set_up(true);
+                    return Ok(connection);
+                }
+                Ok(connection) => failure = format!("connection {:?}", connection.status()),
+                Err(e) => failure = e.to_string(),
+            }
+        }
+        self.set_up(false);
+        Err(BrokerError::Unavailable(failure))
     }
 }
 
@@ -129,8 +188,19 @@ impl Broker for AmqpBroker {
                 auto_delete: true,
                 ..QueueDeclareOptions::default()
             };
+            // A client that stops reading cannot make its queue eat the
+            // broker's memory.
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(self.queue_max_length)),
+            );
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(self.queue_overflow.as_str().into()),
+            );
             channel
-                .queue_declare(short(&queue)?, options, FieldTable::default())
+                .queue_declare(short(&queue)?, options, arguments)
                 .await
                 .map_err(classify)?;
             let consumer = channel
@@ -155,10 +225,11 @@ impl Broker for AmqpBroker {
     }
 
     async fn ready(&self) -> bool {
-        match self.connection().await {
-            Ok(connection) => connection.status().connected(),
-            Err(_) => false,
-        }
+        self.connection().await.is_ok()
+    }
+
+    fn is_up(&self) -> bool {
+        self.health.up.load(Ordering::Relaxed)
     }
 }
 
@@ -215,7 +286,7 @@ impl BrokerSession for AmqpSession {
             .map_err(classify)
     }
 
-    async fn publish(&mut self, message: Publish) -> Result<AmqpConfirm, BrokerError> {
+    async fn publish(&mut self, message: &Publish) -> Result<AmqpConfirm, BrokerError> {
         let properties = properties_from_stomp(&message.headers)?;
         let options = BasicPublishOptions {
             mandatory: true,

@@ -72,8 +72,11 @@ pub trait Broker: Clone + Send + Sync + 'static {
         session_id: &str,
     ) -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
 
-    /// Whether the broker is reachable right now (`/readyz`).
+    /// Whether the broker is reachable right now (`/readyz`); checks.
     fn ready(&self) -> impl Future<Output = bool> + Send;
+
+    /// Whether the broker answered the last time it was used; no I/O.
+    fn is_up(&self) -> bool;
 }
 
 /// One STOMP session's private queue and the channel that serves it.
@@ -91,7 +94,7 @@ pub trait BrokerSession: Send + 'static {
     /// published `mandatory`, so an unroutable one is reported as such.
     fn publish(
         &mut self,
-        message: Publish,
+        message: &Publish,
     ) -> impl Future<Output = Result<Self::Confirm, BrokerError>> + Send;
 
     /// The next delivery; `None` once the consumer has ended.
