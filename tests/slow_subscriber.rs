@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{unique, Client, Gateway, Management};
+use common::{reader_and_writer, unique, Client, Gateway, Management};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_subscriber_does_not_slow_the_others() {
@@ -64,5 +64,53 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
     for client in [stalled, reader, writer] {
         client.disconnect().await;
     }
+    gw.stop().await;
+}
+
+/// A client that makes no progress for stomp.slow_client_timeout is closed
+/// (and counted); meanwhile its queue never grows past
+/// amqp.queue_max_length, and the other reader is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_is_closed_and_its_queue_stays_bounded() {
+    let gw = Gateway::start_with(|c| {
+        c.amqp.prefetch = 4;
+        c.amqp.queue_max_length = 50;
+        c.stomp.slow_client_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mgmt = Management::new();
+    let key = unique("stuck");
+    let dest = format!("/topic/{key}");
+    let (mut stuck, stuck_session) = Client::connect(&gw).await;
+    stuck.subscribe("s", &dest).await;
+    let queue = gw.queue_of(&stuck_session);
+    let arguments = mgmt.queue(&queue).await.unwrap()["arguments"].clone();
+    assert_eq!(arguments["x-max-length"], 50);
+    assert_eq!(arguments["x-overflow"], "drop-head");
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+
+    // The reader keeps up (one in, one out), so its own bounded queue
+    // never fills; the stuck client's does, and RabbitMQ drops its oldest.
+    let body = "s".repeat(64 * 1024);
+    for i in 0..400 {
+        writer.send(&dest, &format!("{i:04}{body}")).await;
+        let message = reader.recv_message().await;
+        assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+    }
+    // The stuck session is closed and its queue deleted...
+    mgmt.wait_no_queues(&queue, Duration::from_secs(20)).await;
+    // ...and the count says why.
+    let metrics = reqwest::get(gw.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stompgate_slow_client_disconnects_total 1"),
+        "{metrics}"
+    );
+    reader.disconnect().await;
+    writer.disconnect().await;
     gw.stop().await;
 }

@@ -4,96 +4,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{body_text, require_rabbitmq, unique, Client, Closed, Gateway, AMQP_URL};
+use common::{body_text, require_rabbitmq, stompgate_command, unique, Client, Closed, Node};
 use stompgate::config::Config;
 use stompgate::stomp::frame::Frame;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_stompgate");
-
-fn stompgate(envs: &[(&str, &str)], args: &[&str]) -> Command {
-    let mut command = Command::new(BINARY);
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-}
-
-/// Reads the log until the "listening" line; returns the bound address.
-fn wait_listening(child: &mut Child) -> SocketAddr {
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("listening on ws://").nth(1) {
-                    let addr = rest.split("/ws").next().unwrap().to_owned();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("no 'listening on ws://…' log line within 20 s");
-    addr.parse().expect("bound address in the log line")
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("stompgate did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A handle on the spawned binary for the in-process test client.
-fn as_gateway(addr: SocketAddr, node_id: &str) -> Gateway {
-    let mut config = Config::defaults().unwrap();
-    config.server.node_id = node_id.to_owned();
-    Gateway::external(addr, Arc::new(config))
-}
 
 #[tokio::test]
 async fn binary_serves_and_shuts_down_gracefully_on_sigterm() {
     require_rabbitmq().await;
-    let node = unique("smoke");
-    let mut child = stompgate(
-        &[
-            ("STOMPGATE__SERVER__LISTEN", "127.0.0.1:0"),
-            ("STOMPGATE__SERVER__NODE_ID", &node),
-            ("STOMPGATE__AMQP__URL", AMQP_URL),
-        ],
-        &[],
-    )
-    .spawn()
-    .expect("run the stompgate binary");
-    let addr = wait_listening(&mut child);
-    let gw = as_gateway(addr, &node);
+    let mut node = Node::spawn(&[]);
+    let gw = &node.gateway;
 
     let key = unique("smoke");
-    let (mut reader, _) = Client::connect(&gw).await;
+    let (mut reader, _) = Client::connect(gw).await;
     reader.subscribe("s", &format!("/topic/{key}")).await;
-    let (mut writer, _) = Client::connect(&gw).await;
+    let (mut writer, _) = Client::connect(gw).await;
     let receipt = writer
         .send_confirmed(&format!("/topic/{key}"), "before")
         .await;
@@ -110,11 +36,7 @@ async fn binary_serves_and_shuts_down_gracefully_on_sigterm() {
         )
         .await;
     writer.expect_receipt("inflight").await;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    node.signal("-TERM");
 
     for client in [&mut reader, &mut writer] {
         let frame = loop {
@@ -130,7 +52,7 @@ async fn binary_serves_and_shuts_down_gracefully_on_sigterm() {
             Closed::Dropped => panic!("expected close 1001, the socket just dropped"),
         }
     }
-    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let status = node.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -147,7 +69,7 @@ fn bad_configuration_is_refused_naming_the_key() {
         ),
     ];
     for (envs, key) in cases {
-        let output = stompgate(envs, &[]).output().unwrap();
+        let output = stompgate_command(envs, &[]).output().unwrap();
         assert!(!output.status.success(), "{envs:?} was accepted");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
@@ -155,7 +77,7 @@ fn bad_configuration_is_refused_naming_the_key() {
             "error for {envs:?} does not name {key}: {stderr}"
         );
     }
-    let output = stompgate(&[], &["--config", "/nonexistent/stompgate.toml"])
+    let output = stompgate_command(&[], &["--config", "/nonexistent/stompgate.toml"])
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -524,6 +524,108 @@ impl Management {
     }
 }
 
+/// The stompgate binary as a real process (smoke and fault tests).
+pub struct Node {
+    pub child: std::process::Child,
+    pub gateway: Gateway,
+}
+
+/// `stompgate` with a clean environment plus `envs`, output piped.
+pub fn stompgate_command(envs: &[(&str, &str)], args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stompgate"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+impl Node {
+    /// Starts the binary on 127.0.0.1:0 with a unique node id (plus
+    /// `envs`), and waits for its "listening" log line.
+    pub fn spawn(envs: &[(&str, &str)]) -> Node {
+        let node_id = unique("n");
+        let mut all = vec![
+            ("STOMPGATE__SERVER__LISTEN", "127.0.0.1:0"),
+            ("STOMPGATE__SERVER__NODE_ID", node_id.as_str()),
+            ("STOMPGATE__AMQP__URL", AMQP_URL),
+        ];
+        all.extend_from_slice(envs);
+        let mut child = stompgate_command(&all, &[])
+            .spawn()
+            .expect("run the stompgate binary");
+        let addr = wait_listening(&mut child);
+        let mut config = Config::defaults().unwrap();
+        config.server.node_id = node_id;
+        Node {
+            child,
+            gateway: Gateway::external(addr, Arc::new(config)),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("stompgate did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the log until the "listening" line; returns the bound address.
+/// The rest of the log keeps being read (and dropped) so the pipe never
+/// fills and blocks the gateway.
+fn wait_listening(child: &mut std::process::Child) -> SocketAddr {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !sent {
+                if let Some(rest) = line.split("listening on ws://").nth(1) {
+                    let addr = rest.split("/ws").next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no 'listening on ws://…' log line within 20 s");
+    addr.parse().expect("bound address in the log line")
+}
+
 /// A direct AMQP connection, as "any AMQP client" in the interop tests.
 pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     require_rabbitmq().await;
