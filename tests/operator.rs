@@ -222,3 +222,28 @@ async fn health_and_readiness() {
     }
     gw.stop().await;
 }
+
+/// With several broker URLs (a cluster), a dead first one is passed over.
+#[tokio::test]
+async fn next_broker_url_is_used_when_one_is_down() {
+    let gw = Gateway::start_with(|c| {
+        c.amqp.url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+        c.amqp.urls = vec![common::AMQP_URL.to_owned()];
+        c.amqp.connect_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let key = unique("urls");
+    let (mut reader, mut writer) =
+        common::reader_and_writer(&gw, &format!("/topic/{key}"), "auto").await;
+    let receipt = writer
+        .send_confirmed(&format!("/topic/{key}"), "via the second URL")
+        .await;
+    assert_eq!(receipt.get("routed"), Some("true"));
+    assert_eq!(
+        common::body_text(&reader.recv_message().await),
+        "via the second URL"
+    );
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}

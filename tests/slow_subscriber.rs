@@ -1,6 +1,7 @@
 //! The source document's third caveat: each subscriber's queue works on
 //! its own. A subscriber that stops reading holds its messages in its own
-//! RabbitMQ queue, and the others on the same channel are not slowed.
+//! RabbitMQ queue, and the others on the same channel, on the same node or
+//! another, are not slowed.
 
 mod common;
 
@@ -18,6 +19,10 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
     stalled.subscribe("s", &dest).await;
     let (mut reader, _) = Client::connect(&gw).await;
     reader.subscribe("s", &dest).await;
+    // A reader of the same channel on another gateway node.
+    let other_node = Gateway::start().await;
+    let (mut remote_reader, _) = Client::connect(&other_node).await;
+    remote_reader.subscribe("s", &dest).await;
 
     // 400 × 64 KiB = 25 MiB: far more than socket buffers hold, so the
     // stalled client's session blocks on its writes.
@@ -30,12 +35,14 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
     let receipt = writer.send_confirmed(&dest, "last").await;
     assert_eq!(receipt.get("routed"), Some("true"));
 
-    // The reader gets everything while `stalled` reads nothing.
-    for i in 0..count {
-        let message = reader.recv_message().await;
-        assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+    // The readers get everything while `stalled` reads nothing.
+    for reader in [&mut reader, &mut remote_reader] {
+        for i in 0..count {
+            let message = reader.recv_message().await;
+            assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+        }
+        assert_eq!(reader.recv_message().await.body.as_ref(), b"last");
     }
-    assert_eq!(reader.recv_message().await.body.as_ref(), b"last");
 
     // The stalled subscriber's backlog waits in RabbitMQ, not in the
     // gateway (at most the prefetch is out of the queue).
@@ -61,10 +68,11 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
         assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
     }
     assert_eq!(stalled.recv_message().await.body.as_ref(), b"last");
-    for client in [stalled, reader, writer] {
+    for client in [stalled, reader, writer, remote_reader] {
         client.disconnect().await;
     }
     gw.stop().await;
+    other_node.stop().await;
 }
 
 /// A client that makes no progress for stomp.slow_client_timeout is closed
