@@ -58,6 +58,8 @@ pub struct StompConfig {
     #[serde(with = "humantime_serde")]
     pub heartbeat_min: Duration,
     #[serde(with = "humantime_serde")]
+    pub heartbeat_max: Duration,
+    #[serde(with = "humantime_serde")]
     pub slow_client_timeout: Duration,
     pub max_unconfirmed: usize,
 }
@@ -209,6 +211,12 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than 0"));
             }
+        }
+        if s.heartbeat_max < s.heartbeat_min || s.heartbeat_max > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "stomp.heartbeat_max",
+                "must be between stomp.heartbeat_min and 24h",
+            ));
         }
         if self.server.allowed_origins.is_empty() {
             return Err(invalid(

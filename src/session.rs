@@ -266,10 +266,12 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
     // Heart-beats as in contract.md: the server sends as often as the
     // client asks, expects the client as often as it offered, never faster
     // than the floor; 0 stays 0.
+    // The ceiling keeps a client's huge value from overflowing timers.
     let floor = stomp.heartbeat_min.as_millis() as u64;
+    let ceiling = stomp.heartbeat_max.as_millis() as u64;
     let (cx, cy) = connect.heart_beat;
-    let send_every = if cy == 0 { 0 } else { cy.max(floor) };
-    let expect_every = if cx == 0 { 0 } else { cx.max(floor) };
+    let send_every = if cy == 0 { 0 } else { cy.clamp(floor, ceiling) };
+    let expect_every = if cx == 0 { 0 } else { cx.clamp(floor, ceiling) };
 
     let entry = Arc::new(SessionEntry::new(
         &id,
@@ -691,7 +693,10 @@ impl<B: Broker> Session<B> {
                 self.reconnect_failures = self.reconnect_failures.saturating_add(1);
                 let amqp = &self.config.amqp;
                 let doubling = 2u32.saturating_pow(self.reconnect_failures.min(16));
-                let delay = (amqp.reconnect_min * doubling).min(amqp.reconnect_max);
+                let delay = amqp
+                    .reconnect_min
+                    .checked_mul(doubling)
+                    .map_or(amqp.reconnect_max, |d| d.min(amqp.reconnect_max));
                 debug!(error = why, ?delay, "broker still unavailable");
                 self.reconnect_at = Instant::now() + delay;
                 return Ok(());

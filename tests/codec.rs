@@ -172,10 +172,13 @@ fn frame_size_limit_applies_before_the_frame_ends() {
     d.feed(&[b'a'; 4096 - 7]);
     d.feed(b"\0");
     assert_eq!(d.next_frame().unwrap().unwrap().body.len(), 4096 - 7);
-    // A declared length over the limit fails at once, without waiting.
-    let mut d = decoder();
-    d.feed(b"SEND\ncontent-length:100000\n\n");
-    assert_eq!(d.next_frame(), Err(FrameError::TooLarge { limit: 4096 }));
+    // A declared length over the limit fails at once, without waiting,
+    // however large it is.
+    for length in ["100000", "18446744073709551615"] {
+        let mut d = decoder();
+        d.feed(format!("SEND\ncontent-length:{length}\n\n").as_bytes());
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { limit: 4096 }));
+    }
 }
 
 #[test]

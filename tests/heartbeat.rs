@@ -33,6 +33,15 @@ async fn negotiation_follows_the_contract() {
     let (client, connected) = connect_with_heartbeat(&gw, "10,0").await;
     assert_eq!(connected.get("heart-beat"), Some("0,250"));
     client.disconnect().await;
+    // ...and never slower than stomp.heartbeat_max (1 h), however large
+    // the client's numbers.
+    let huge = "18446744073709551615,18446744073709551615";
+    let (mut client, connected) = connect_with_heartbeat(&gw, huge).await;
+    assert_eq!(connected.get("heart-beat"), Some("3600000,3600000"));
+    client
+        .subscribe("s", &format!("/topic/{}", unique("hb")))
+        .await;
+    client.disconnect().await;
     gw.stop().await;
 }
 

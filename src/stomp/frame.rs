@@ -163,10 +163,12 @@ impl Decoder {
         let max = self.limits.max_frame_bytes;
         let body_end = match head.content_length {
             Some(len) => {
-                let end = head.body_start + len;
-                if end + 1 > max {
+                // Compared before adding: a huge declared length must not
+                // overflow the arithmetic.
+                if len >= max || head.body_start + len + 1 > max {
                     return Err(FrameError::TooLarge { limit: max });
                 }
+                let end = head.body_start + len;
                 if self.buf.len() <= end {
                     return Ok(None);
                 }
