@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Bearer token for `/admin/sessions`; empty disables the endpoint.
     pub admin_token: String,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +64,10 @@ pub struct StompConfig {
     #[serde(with = "humantime_serde")]
     pub slow_client_timeout: Duration,
     pub max_unconfirmed: usize,
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -76,6 +82,8 @@ pub struct AmqpConfig {
     pub reconnect_max: Duration,
     pub queue_max_length: u32,
     pub queue_overflow: Overflow,
+    /// Exchanges `/exchange/<name>/…` may name; "*" allows any.
+    pub allowed_exchanges: Vec<String>,
     pub exchange: String,
     pub prefetch: u16,
     pub pool_size: usize,
@@ -105,6 +113,12 @@ impl Overflow {
 }
 
 impl AmqpConfig {
+    /// Whether `/exchange/<name>/…` may use this exchange. The exchange
+    /// behind /topic/, /sub/ and /pub/ always may.
+    pub fn exchange_allowed(&self, name: &str) -> bool {
+        name == self.exchange || self.allowed_exchanges.iter().any(|a| a == "*" || a == name)
+    }
+
     /// Every broker to try, `url` first.
     pub fn all_urls(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.url.as_str()).chain(self.urls.iter().map(String::as_str))
@@ -137,6 +151,7 @@ impl Config {
             .list_separator(",")
             .with_list_parse_key("server.allowed_origins")
             .with_list_parse_key("amqp.urls")
+            .with_list_parse_key("amqp.allowed_exchanges")
             .source(env);
         let config: Config = builder.add_source(env).build()?.try_deserialize()?;
         config.validate()
@@ -195,6 +210,13 @@ impl Config {
             ("stomp.max_transaction_bytes", s.max_transaction_bytes),
             ("stomp.max_unconfirmed", s.max_unconfirmed),
             ("server.max_message_bytes", self.server.max_message_bytes),
+            ("server.max_connections", self.server.max_connections),
+            (
+                "server.max_connections_per_ip",
+                self.server.max_connections_per_ip,
+            ),
+            ("stomp.publish_rate", s.publish_rate as usize),
+            ("stomp.publish_burst", s.publish_burst as usize),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -204,6 +226,7 @@ impl Config {
             ("stomp.connect_timeout", s.connect_timeout),
             ("stomp.heartbeat_min", s.heartbeat_min),
             ("stomp.slow_client_timeout", s.slow_client_timeout),
+            ("stomp.frame_timeout", s.frame_timeout),
             ("amqp.connect_timeout", self.amqp.connect_timeout),
             ("amqp.publish_timeout", self.amqp.publish_timeout),
             ("amqp.reconnect_min", self.amqp.reconnect_min),

@@ -23,6 +23,7 @@ pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod destination;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod server;

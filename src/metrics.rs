@@ -32,6 +32,8 @@ pub struct Metrics {
     /// Deliveries returned to their queue by a client's NACK.
     pub deliveries_requeued: IntCounter,
     pub errors: IntCounterVec,
+    /// Refusals by the config key of the limit or rule that refused.
+    pub refusals: IntCounterVec,
     pub heartbeat_timeouts: IntCounter,
     pub slow_client_disconnects: IntCounter,
     /// 1 while the broker answers, 0 otherwise.
@@ -155,6 +157,12 @@ impl Metrics {
                 "Deliveries returned to the queue by NACK",
             )?,
             errors: counter_vec(r, "errors_total", "ERROR frames sent, by reason", "reason")?,
+            refusals: counter_vec(
+                r,
+                "refusals_total",
+                "Connections, frames and requests refused, by the config key of the limit",
+                "limit",
+            )?,
             heartbeat_timeouts: counter(
                 r,
                 "heartbeat_timeouts_total",

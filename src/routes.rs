@@ -14,6 +14,7 @@ use warp::{Filter, Rejection};
 use crate::admin;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::session::{self, SessionContext};
 use crate::stomp::command::Version;
@@ -29,6 +30,7 @@ pub struct State<B> {
     pub metrics: Arc<Metrics>,
     /// Live sessions for `/admin/sessions`.
     pub registry: Arc<admin::Registry>,
+    pub limits: Arc<ConnectionLimits>,
 }
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -169,6 +171,23 @@ fn upgrade<B: Broker>(
     }
     let subprotocol = pick_subprotocol(&headers);
     let max = state.config.server.max_message_bytes;
+    let ws = ws.max_message_size(max).max_frame_size(max);
+    let permit = match state.limits.acquire(peer.map(|p| p.ip())) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            tracing::info!(
+                ?peer,
+                limit = refusal.key(),
+                "WebSocket refused: connection limit"
+            );
+            let (config, metrics) = (state.config.clone(), state.metrics.clone());
+            return ws
+                .on_upgrade(move |socket| async move {
+                    session::refuse(socket, &config, metrics, refusal).await
+                })
+                .into_response();
+        }
+    };
     let ctx = SessionContext {
         config: state.config.clone(),
         broker: state.broker.clone(),
@@ -179,10 +198,12 @@ fn upgrade<B: Broker>(
         sessions: state.registry.clone(),
     };
     let sessions = state.sessions.clone();
-    let reply = ws
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx)));
+    let reply = ws.on_upgrade(move |socket| {
+        sessions.track_future(async move {
+            session::run(socket, ctx).await;
+            drop(permit);
+        })
+    });
     match subprotocol {
         Some(version) => reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
             .into_response(),

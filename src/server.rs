@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::routes::{self, State};
 
@@ -35,6 +36,10 @@ pub async fn run<B: Broker>(
         sessions: sessions.clone(),
         metrics,
         registry: Arc::new(admin::Registry::default()),
+        limits: Arc::new(ConnectionLimits::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        )),
     });
     match listener.local_addr() {
         Ok(addr) => info!(%addr, node_id = %config.server.node_id, "listening on ws://{addr}/ws"),

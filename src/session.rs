@@ -22,6 +22,7 @@ use crate::admin::{self, Registration, SessionEntry};
 use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::Config;
 use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
+use crate::limits::{PublishRate, Refusal};
 use crate::metrics::{command_label, Metrics};
 use crate::stomp::command::{self, AckMode, ClientCommand, CommandError, Connect, Version};
 use crate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
@@ -35,6 +36,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// Header on the first MESSAGE of each subscription after the broker was
 /// lost and the session restored: messages published meanwhile may have
@@ -67,11 +69,26 @@ pub enum SessionError {
     Broker(#[from] BrokerError),
     #[error("{0}")]
     Protocol(String),
+    #[error("{detail}")]
+    Limit { key: &'static str, detail: String },
+    /// Not allowed by the configuration (e.g. amqp.allowed_exchanges).
     #[error("{0}")]
-    Limit(String),
+    Denied(String),
 }
 
 impl SessionError {
+    /// The config key of the limit or rule that refused, if one did.
+    fn limit_key(&self) -> Option<&'static str> {
+        match self {
+            SessionError::Frame(FrameError::TooLarge { .. }) => Some("stomp.max_frame_bytes"),
+            SessionError::Frame(FrameError::TooManyHeaders { .. }) => Some("stomp.max_headers"),
+            SessionError::Frame(FrameError::HeaderTooLong { .. }) => Some("stomp.max_header_bytes"),
+            SessionError::Limit { key, .. } => Some(key),
+            SessionError::Denied(_) => Some("amqp.allowed_exchanges"),
+            _ => None,
+        }
+    }
+
     /// The ERROR frame's `message` header: short and stable.
     fn summary(&self) -> &'static str {
         match self {
@@ -82,7 +99,8 @@ impl SessionError {
             SessionError::Broker(BrokerError::Invalid(_)) => "invalid header",
             SessionError::Broker(_) => "broker error",
             SessionError::Protocol(_) => "protocol error",
-            SessionError::Limit(_) => "limit exceeded",
+            SessionError::Limit { .. } => "limit exceeded",
+            SessionError::Denied(_) => "access refused",
         }
     }
 }
@@ -212,6 +230,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         write_timeout: stomp.slow_client_timeout,
         last_write: Instant::now(),
         last_read: Instant::now(),
+        partial_since: None,
         metrics: ctx.metrics.clone(),
     };
     let deadline = Instant::now() + stomp.connect_timeout;
@@ -228,6 +247,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
                     stomp.connect_timeout
                 );
                 let error = command::error("connect timeout", &detail, None);
+                conn.refused("stomp.connect_timeout");
                 conn.finish(Some(error), CLOSE_NORMAL).await;
                 record_end(&End::ConnectTimeout, &ctx.metrics);
                 return;
@@ -300,6 +320,8 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         next_message: 0,
         in_flight: VecDeque::new(),
         disconnecting: None,
+        rate: PublishRate::new(stomp.publish_rate, stomp.publish_burst),
+        throttled_until: None,
         send_every: (send_every > 0).then(|| Duration::from_millis(send_every)),
         expect_every: (expect_every > 0).then(|| Duration::from_millis(expect_every)),
     };
@@ -347,7 +369,13 @@ fn shutting_down() -> Frame {
 fn record_end(end: &End, metrics: &Metrics) {
     match end {
         End::HeartbeatTimeout => metrics.heartbeat_timeouts.inc(),
-        End::SlowClient => metrics.slow_client_disconnects.inc(),
+        End::SlowClient => {
+            metrics.slow_client_disconnects.inc();
+            metrics
+                .refusals
+                .with_label_values(&["stomp.slow_client_timeout"])
+                .inc();
+        }
         _ => {}
     }
     match end {
@@ -364,6 +392,8 @@ struct Connection {
     write_timeout: Duration,
     last_write: Instant,
     last_read: Instant,
+    /// When the incomplete frame in the decoder began arriving.
+    partial_since: Option<Instant>,
     metrics: Arc<Metrics>,
 }
 
@@ -422,6 +452,7 @@ impl Connection {
                 // tungstenite's capacity error, seen through warp's opaque
                 // error type (tests/bad_input.rs pins the behaviour).
                 if e.to_string().contains("Message too long") {
+                    self.refused("server.max_message_bytes");
                     let error = command::error(
                         "frame too large",
                         "WebSocket message larger than server.max_message_bytes",
@@ -434,6 +465,21 @@ impl Connection {
                 Inbound::End(End::PeerGone)
             }
             None => Inbound::End(End::PeerGone),
+        }
+    }
+
+    /// Counts a refusal by the limit (config key) that made it.
+    fn refused(&self, key: &'static str) {
+        self.metrics.refusals.with_label_values(&[key]).inc();
+    }
+
+    /// Remembers when the frame now in the decoder began, for
+    /// `stomp.frame_timeout`; forgets it once nothing is left over.
+    fn note_partial(&mut self) {
+        if self.decoder.buffered() == 0 {
+            self.partial_since = None;
+        } else if self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
         }
     }
 
@@ -482,6 +528,9 @@ impl Connection {
     /// Sends ERROR for `error` and the close frame.
     async fn fail(&mut self, error: SessionError, receipt: Option<&str>) -> End {
         debug!(%error, "protocol error");
+        if let Some(key) = error.limit_key() {
+            self.refused(key);
+        }
         let frame = command::error(error.summary(), &error.to_string(), receipt);
         self.finish(Some(frame), CLOSE_NORMAL).await;
         End::Failed
@@ -540,6 +589,10 @@ struct Session<B: Broker> {
     /// Set by DISCONNECT (with its receipt): no more frames are read, and
     /// the session ends once everything before it has settled.
     disconnecting: Option<Option<String>>,
+    rate: PublishRate,
+    /// While set, the client is not read: it sent faster than
+    /// `stomp.publish_rate` allows.
+    throttled_until: Option<Instant>,
     send_every: Option<Duration>,
     expect_every: Option<Duration>,
 }
@@ -552,6 +605,7 @@ impl<B: Broker> Session<B> {
         }
         let max_unconfirmed = self.config.stomp.max_unconfirmed;
         let publish_timeout = self.config.amqp.publish_timeout;
+        let frame_timeout = self.config.stomp.frame_timeout;
         loop {
             if self.in_flight.is_empty() {
                 if let Some(receipt) = self.disconnecting.take() {
@@ -571,6 +625,10 @@ impl<B: Broker> Session<B> {
                 .front()
                 .filter(|f| f.message.is_some())
                 .map(|f| f.since + publish_timeout);
+            let frame_deadline = self.conn.partial_since.map(|t| t + frame_timeout);
+            let reading = self.disconnecting.is_none()
+                && self.throttled_until.is_none()
+                && self.in_flight.len() < max_unconfirmed;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -585,9 +643,7 @@ impl<B: Broker> Session<B> {
                 }
                 // Cancel-safe (Stream::next). Not read while too many
                 // publishes wait for confirms: back-pressure, not buffering.
-                inbound = self.conn.read(),
-                    if self.disconnecting.is_none() && self.in_flight.len() < max_unconfirmed =>
-                {
+                inbound = self.conn.read(), if reading => {
                     match inbound {
                         Inbound::Bytes => {
                             if let Some(end) = self.process_buffered().await {
@@ -611,6 +667,23 @@ impl<B: Broker> Session<B> {
                     if let Err(e) = self.check(Err::<(), _>(error)).await {
                         return self.fail(e, None).await;
                     }
+                }
+                _ = sleep_until(self.throttled_until.unwrap_or(far)),
+                    if self.throttled_until.is_some() =>
+                {
+                    self.throttled_until = None;
+                    if let Some(end) = self.process_buffered().await {
+                        return end;
+                    }
+                }
+                _ = sleep_until(frame_deadline.unwrap_or(far)), if frame_deadline.is_some() => {
+                    let detail = format!(
+                        "a frame took longer than stomp.frame_timeout ({frame_timeout:?}) to arrive"
+                    );
+                    self.conn.refused("stomp.frame_timeout");
+                    let error = command::error("frame timeout", &detail, None);
+                    self.conn.finish(Some(error), CLOSE_NORMAL).await;
+                    return End::Failed;
                 }
                 _ = sleep_until(self.reconnect_at), if self.broker.is_none() => {
                     if let Err(e) = self.reconnect().await {
@@ -746,16 +819,22 @@ impl<B: Broker> Session<B> {
 
     /// Handles every complete frame the decoder holds.
     async fn process_buffered(&mut self) -> Option<End> {
-        while self.disconnecting.is_none() {
+        while self.disconnecting.is_none() && self.throttled_until.is_none() {
             let frame = match self.conn.decoder.next_frame() {
                 Ok(Some(frame)) => {
                     self.conn.count_received(&frame);
                     frame
                 }
-                Ok(None) => return None,
+                Ok(None) => {
+                    self.conn.note_partial();
+                    return None;
+                }
                 Err(e) => return Some(self.fail(e.into(), None).await),
             };
             let receipt = frame.get("receipt").map(str::to_owned);
+            if frame.command == "SEND" {
+                self.throttled_until = self.rate.take();
+            }
             let result = match ClientCommand::from_frame(frame, self.version) {
                 Ok(command) => self.handle(command, receipt.as_deref()).await,
                 Err(e) => Err(e.into()),
@@ -809,9 +888,12 @@ impl<B: Broker> Session<B> {
                 }
                 let limit = self.config.stomp.max_transactions;
                 if self.transactions.len() >= limit {
-                    return Err(SessionError::Limit(format!(
-                        "more than stomp.max_transactions ({limit}) open transactions"
-                    )));
+                    return Err(SessionError::Limit {
+                        key: "stomp.max_transactions",
+                        detail: format!(
+                            "more than stomp.max_transactions ({limit}) open transactions"
+                        ),
+                    });
                 }
                 self.transactions
                     .insert(transaction, Transaction::default());
@@ -858,18 +940,24 @@ impl<B: Broker> Session<B> {
             )));
         };
         if tx.frames.len() >= stomp.max_transaction_frames {
-            return Err(SessionError::Limit(format!(
-                "transaction {name:?} holds more than stomp.max_transaction_frames ({}) frames",
-                stomp.max_transaction_frames
-            )));
+            return Err(SessionError::Limit {
+                key: "stomp.max_transaction_frames",
+                detail: format!(
+                    "transaction {name:?} holds more than stomp.max_transaction_frames ({}) frames",
+                    stomp.max_transaction_frames
+                ),
+            });
         }
         if let Deferred::Send(send) = &deferred {
             tx.bytes += send.body.len();
             if tx.bytes > stomp.max_transaction_bytes {
-                return Err(SessionError::Limit(format!(
-                    "transaction {name:?} holds more than stomp.max_transaction_bytes ({} bytes)",
-                    stomp.max_transaction_bytes
-                )));
+                return Err(SessionError::Limit {
+                    key: "stomp.max_transaction_bytes",
+                    detail: format!(
+                        "transaction {name:?} holds more than stomp.max_transaction_bytes ({} bytes)",
+                        stomp.max_transaction_bytes
+                    ),
+                });
             }
         }
         tx.frames.push(deferred);
@@ -886,6 +974,7 @@ impl<B: Broker> Session<B> {
         self.entry.messages_in.fetch_add(1, Ordering::Relaxed);
         let destination =
             Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
+        self.check_exchange(&destination)?;
         let message = Publish {
             route: destination.route,
             headers: send.headers,
@@ -909,6 +998,16 @@ impl<B: Broker> Session<B> {
         Ok(())
     }
 
+    fn check_exchange(&self, destination: &Destination) -> Result<(), SessionError> {
+        let exchange = &destination.route.exchange;
+        if self.config.amqp.exchange_allowed(exchange) {
+            return Ok(());
+        }
+        Err(SessionError::Denied(format!(
+            "exchange {exchange:?} is not in amqp.allowed_exchanges"
+        )))
+    }
+
     async fn subscribe(
         &mut self,
         id: String,
@@ -922,13 +1021,15 @@ impl<B: Broker> Session<B> {
         }
         let limit = self.config.stomp.max_subscriptions;
         if self.subscriptions.len() >= limit {
-            return Err(SessionError::Limit(format!(
-                "more than stomp.max_subscriptions ({limit}) subscriptions"
-            )));
+            return Err(SessionError::Limit {
+                key: "stomp.max_subscriptions",
+                detail: format!("more than stomp.max_subscriptions ({limit}) subscriptions"),
+            });
         }
         let destination_name = destination;
         let destination =
             Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
+        self.check_exchange(&destination)?;
         let users = self.bindings.get(&destination.route).copied().unwrap_or(0);
         // While reconnecting, the binding is made when the queue is back.
         if let (0, Some(broker)) = (users, self.broker.as_mut()) {
@@ -1246,4 +1347,27 @@ impl<B: Broker> Session<B> {
             .sub(self.subscriptions.len() as i64);
         record_end(&end, &self.metrics);
     }
+}
+
+/// Answers a WebSocket that a connection limit refused: an ERROR naming
+/// the limit, then the close.
+pub async fn refuse(ws: WebSocket, config: &Config, metrics: Arc<Metrics>, refusal: Refusal) {
+    let stomp = &config.stomp;
+    let mut conn = Connection {
+        ws,
+        decoder: Decoder::new(Limits {
+            max_frame_bytes: stomp.max_frame_bytes,
+            max_headers: stomp.max_headers,
+            max_header_bytes: stomp.max_header_bytes,
+        }),
+        escapes: true,
+        write_timeout: stomp.slow_client_timeout,
+        last_write: Instant::now(),
+        last_read: Instant::now(),
+        partial_since: None,
+        metrics,
+    };
+    conn.refused(refusal.key());
+    let error = command::error("too many connections", &refusal.detail(), None);
+    conn.finish(Some(error), CLOSE_TRY_AGAIN).await;
 }

@@ -112,7 +112,25 @@ async fn bad_destinations() {
     assert!(body_text(&error).contains("unsupported destination"));
     let error = error_for(&gw, true, b"SUBSCRIBE\nid:1\ndestination:/pub/no01\n\n\0").await;
     assert!(body_text(&error).contains("/pub/ is for SEND"));
-    // An exchange that does not exist: RabbitMQ refuses, the client is told.
+    // An exchange not in amqp.allowed_exchanges: refused by the gateway.
+    let frame = format!(
+        "SEND\ndestination:/exchange/{}/k\nreceipt:e\n\nx\0",
+        unique("nope")
+    );
+    let error = error_for(&gw, true, frame.as_bytes()).await;
+    assert_eq!(error.get("message"), Some("access refused"));
+    assert!(
+        body_text(&error).contains("amqp.allowed_exchanges"),
+        "{error:?}"
+    );
+    let frame = b"SUBSCRIBE\nid:1\ndestination:/exchange/amq.headers/k\n\n\0";
+    let error = error_for(&gw, true, frame).await;
+    assert_eq!(error.get("message"), Some("access refused"));
+    assert_still_serving(&gw).await;
+    gw.stop().await;
+
+    // Allowed, but missing in RabbitMQ: the broker refuses, the client is told.
+    let gw = Gateway::start_with(|c| c.amqp.allowed_exchanges = vec!["*".to_owned()]).await;
     let frame = format!(
         "SEND\ndestination:/exchange/{}/k\nreceipt:e\n\nx\0",
         unique("nope")

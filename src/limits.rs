@@ -1,0 +1,167 @@
+//! Admission limits on WebSocket connections: per node and per client IP.
+//! A permit is taken before the upgrade and given back when dropped, so
+//! however a session ends, its slot is freed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    /// Only touched on connect and disconnect, never per message.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Which limit refused a connection: the config key names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Node(usize),
+    Ip(usize),
+}
+
+impl Refusal {
+    pub fn key(self) -> &'static str {
+        match self {
+            Refusal::Node(_) => "server.max_connections",
+            Refusal::Ip(_) => "server.max_connections_per_ip",
+        }
+    }
+
+    pub fn detail(self) -> String {
+        match self {
+            Refusal::Node(n) => {
+                format!("this node already serves server.max_connections ({n}) connections")
+            }
+            Refusal::Ip(n) => {
+                format!("your address already has server.max_connections_per_ip ({n}) connections")
+            }
+        }
+    }
+}
+
+/// A connection's place under the limits, released on drop.
+pub struct Permit {
+    limits: Arc<ConnectionLimits>,
+    ip: Option<IpAddr>,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: usize, max_per_ip: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn acquire(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Permit, Refusal> {
+        let total = self.total.fetch_add(1, Ordering::AcqRel);
+        if total >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Node(self.max_total));
+        }
+        if let Some(ip) = ip {
+            let mut per_ip = self.lock();
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= self.max_per_ip {
+                drop(per_ip);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::Ip(self.max_per_ip));
+            }
+            *count += 1;
+        }
+        Ok(Permit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// A poisoned lock only means a panic elsewhere mid-update of a count.
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.per_ip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.limits.lock();
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Per-session SEND rate: a token bucket. A SEND always goes through, but
+/// one that overdraws the bucket makes the session stop reading until the
+/// debt is paid: throttling by not reading, never by buffering.
+pub struct PublishRate {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl PublishRate {
+    pub fn new(per_second: u32, burst: u32) -> PublishRate {
+        PublishRate {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token; returns until when reading must pause, if it must.
+    pub fn take(&mut self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst) - 1.0;
+        self.at = now;
+        (self.tokens < 0.0)
+            .then(|| now + std::time::Duration::from_secs_f64(-self.tokens / self.per_second))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permits_are_counted_per_node_and_per_ip() {
+        let limits = Arc::new(ConnectionLimits::new(3, 2));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = limits.acquire(Some(a)).unwrap();
+        let _second = limits.acquire(Some(a)).unwrap();
+        assert_eq!(limits.acquire(Some(a)).err(), Some(Refusal::Ip(2)));
+        let _third = limits.acquire(Some(b)).unwrap();
+        assert_eq!(limits.acquire(Some(b)).err(), Some(Refusal::Node(3)));
+        drop(first);
+        assert!(limits.acquire(Some(a)).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_allows_the_burst_then_the_rate() {
+        let mut rate = PublishRate::new(10, 5);
+        for _ in 0..5 {
+            assert_eq!(rate.take(), None);
+        }
+        let pause = rate.take().expect("overdrawn after the burst");
+        assert_eq!(
+            pause - tokio::time::Instant::now(),
+            std::time::Duration::from_millis(100)
+        );
+        tokio::time::advance(std::time::Duration::from_millis(100)).await;
+        assert!(rate.take().is_some(), "one token came back and went again");
+    }
+}
