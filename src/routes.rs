@@ -172,8 +172,28 @@ fn upgrade<B: Broker>(
     let subprotocol = pick_subprotocol(&headers);
     let max = state.config.server.max_message_bytes;
     let ws = ws.max_message_size(max).max_frame_size(max);
-    let permit = match state.limits.acquire(peer.map(|p| p.ip())) {
-        Ok(permit) => permit,
+    let reply = match state.limits.acquire(peer.map(|p| p.ip())) {
+        Ok(permit) => {
+            let ctx = SessionContext {
+                config: state.config.clone(),
+                broker: state.broker.clone(),
+                peer,
+                subprotocol,
+                shutdown: state.shutdown.clone(),
+                metrics: state.metrics.clone(),
+                sessions: state.registry.clone(),
+            };
+            let sessions = state.sessions.clone();
+            ws.on_upgrade(move |socket| {
+                sessions.track_future(async move {
+                    session::run(socket, ctx).await;
+                    drop(permit);
+                })
+            })
+            .into_response()
+        }
+        // Upgraded all the same, so a STOMP client reads the ERROR that
+        // names the limit instead of a bare failed handshake.
         Err(refusal) => {
             tracing::info!(
                 ?peer,
@@ -181,35 +201,18 @@ fn upgrade<B: Broker>(
                 "WebSocket refused: connection limit"
             );
             let (config, metrics) = (state.config.clone(), state.metrics.clone());
-            return ws
-                .on_upgrade(move |socket| async move {
-                    session::refuse(socket, &config, metrics, refusal).await
-                })
-                .into_response();
+            ws.on_upgrade(move |socket| async move {
+                session::refuse(socket, &config, metrics, refusal).await
+            })
+            .into_response()
         }
     };
-    let ctx = SessionContext {
-        config: state.config.clone(),
-        broker: state.broker.clone(),
-        peer,
-        subprotocol,
-        shutdown: state.shutdown.clone(),
-        metrics: state.metrics.clone(),
-        sessions: state.registry.clone(),
-    };
-    let sessions = state.sessions.clone();
-    let reply = ws.on_upgrade(move |socket| {
-        sessions.track_future(async move {
-            session::run(socket, ctx).await;
-            drop(permit);
-        })
-    });
     match subprotocol {
         Some(version) => reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
             .into_response(),
         // A client that offered no STOMP subprotocol (stomp.py) still gets
         // STOMP; the version then comes from CONNECT's accept-version.
-        None => reply.into_response(),
+        None => reply,
     }
 }
 
