@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{Auth, AuthConfig};
+
 /// The defaults, compiled in so the binary runs from any directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -27,6 +29,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub stomp: StompConfig,
     pub amqp: AmqpConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -246,6 +249,9 @@ impl Config {
                 "server.allowed_origins",
                 "empty: no browser could connect; use [\"*\"] to allow all",
             ));
+        }
+        if let Err(reason) = Auth::new(&self.auth, &self.amqp.exchange) {
+            return Err(invalid("auth", reason));
         }
         if self.server.node_id.is_empty() {
             self.server.node_id = derived_node_id();

@@ -10,6 +10,7 @@
 //! The path of a message, in module order:
 //!
 //! - [`config`]: settings, layered default.toml → `--config` → env.
+//! - [`auth`]: who may connect, and which destinations each may use.
 //! - [`server`]: binds, serves the routes, tracks sessions, drains on shutdown.
 //! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
 //!   metrics, admin and the demo page.
@@ -20,6 +21,7 @@
 //! - [`metrics`] and [`admin`]: what operators see (`/metrics`, `/admin/sessions`).
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod destination;

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -23,6 +23,15 @@ struct Cli {
     /// variables override both.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a password (one line) from standard input and print its argon2
+    /// hash, for `password_hash` in `[[auth.users]]`.
+    HashPassword,
 }
 
 /// A reason not to start. `main` returns it, and Rust prints it with
@@ -50,6 +59,21 @@ const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
 #[tokio::main]
 async fn main() -> Result<(), Fatal> {
     let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| Fatal(format!("reading the password from standard input: {e}")))?;
+        let password = line.trim_end_matches(['\r', '\n']);
+        if password.is_empty() {
+            return Err(Fatal("no password on standard input".into()));
+        }
+        println!(
+            "{}",
+            stompgate::auth::hash_password(password).map_err(Fatal)?
+        );
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),

@@ -12,6 +12,7 @@ use warp::reply::{self, Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::admin;
+use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
@@ -31,6 +32,7 @@ pub struct State<B> {
     /// Live sessions for `/admin/sessions`.
     pub registry: Arc<admin::Registry>,
     pub limits: Arc<ConnectionLimits>,
+    pub auth: Arc<Auth>,
 }
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -182,6 +184,7 @@ fn upgrade<B: Broker>(
                 shutdown: state.shutdown.clone(),
                 metrics: state.metrics.clone(),
                 sessions: state.registry.clone(),
+                auth: state.auth.clone(),
             };
             let sessions = state.sessions.clone();
             ws.on_upgrade(move |socket| {

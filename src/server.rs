@@ -6,9 +6,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin;
+use crate::auth::{Auth, AuthMode};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
@@ -27,6 +28,21 @@ pub async fn run<B: Broker>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let auth = match Auth::new(&config.auth, &config.amqp.exchange) {
+        Ok(auth) => Arc::new(auth),
+        Err(reason) => {
+            // Config::load validated this already; a hand-built Config may not have.
+            error!(%reason, "invalid auth configuration: not serving");
+            return;
+        }
+    };
+    if auth.mode() == AuthMode::None && !config.server.listen.ip().is_loopback() {
+        warn!(
+            listen = %config.server.listen,
+            "auth.mode is \"none\": anyone who can reach this address may read and publish \
+             everything; set auth.mode = \"users\" before exposing it"
+        );
+    }
     let sessions = TaskTracker::new();
     tokio::spawn(probe_broker(broker.clone(), shutdown.clone()));
     let state = Arc::new(State {
@@ -36,6 +52,7 @@ pub async fn run<B: Broker>(
         sessions: sessions.clone(),
         metrics,
         registry: Arc::new(admin::Registry::default()),
+        auth,
         limits: Arc::new(ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn, Instrument};
 use warp::ws::{Message, WebSocket};
 
 use crate::admin::{self, Registration, SessionEntry};
+use crate::auth::{Auth, Grants};
 use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::Config;
 use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
@@ -53,6 +54,7 @@ pub struct SessionContext<B> {
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<admin::Registry>,
+    pub auth: Arc<Auth>,
 }
 
 /// A protocol or broker failure: reported to the client in an ERROR frame,
@@ -71,9 +73,9 @@ pub enum SessionError {
     Protocol(String),
     #[error("{detail}")]
     Limit { key: &'static str, detail: String },
-    /// Not allowed by the configuration (e.g. amqp.allowed_exchanges).
-    #[error("{0}")]
-    Denied(String),
+    /// Not allowed by the configuration: `rule` is the config key.
+    #[error("{detail}")]
+    Denied { rule: &'static str, detail: String },
 }
 
 impl SessionError {
@@ -84,7 +86,7 @@ impl SessionError {
             SessionError::Frame(FrameError::TooManyHeaders { .. }) => Some("stomp.max_headers"),
             SessionError::Frame(FrameError::HeaderTooLong { .. }) => Some("stomp.max_header_bytes"),
             SessionError::Limit { key, .. } => Some(key),
-            SessionError::Denied(_) => Some("amqp.allowed_exchanges"),
+            SessionError::Denied { rule, .. } => Some(rule),
             _ => None,
         }
     }
@@ -100,7 +102,7 @@ impl SessionError {
             SessionError::Broker(_) => "broker error",
             SessionError::Protocol(_) => "protocol error",
             SessionError::Limit { .. } => "limit exceeded",
-            SessionError::Denied(_) => "access refused",
+            SessionError::Denied { .. } => "access refused",
         }
     }
 }
@@ -271,6 +273,21 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
             return;
         }
     };
+    let grants = match ctx
+        .auth
+        .authenticate(connect.login.as_deref(), connect.passcode.as_deref())
+        .await
+    {
+        Ok(grants) => grants,
+        Err(refused) => {
+            info!(login = connect.login.as_deref(), "authentication failed");
+            conn.refused("auth");
+            let frame = command::error("access refused", &refused.to_string(), receipt.as_deref());
+            conn.finish(Some(frame), CLOSE_NORMAL).await;
+            record_end(&End::Failed, &ctx.metrics);
+            return;
+        }
+    };
     let broker = match ctx.broker.open(&id).await {
         Ok(broker) => broker,
         Err(error) => {
@@ -307,6 +324,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         metrics: ctx.metrics.clone(),
         _registration: ctx.sessions.register(entry.clone()),
         entry,
+        grants,
         factory: ctx.broker.clone(),
         broker: Some(broker),
         reconnect_at: Instant::now(),
@@ -354,6 +372,13 @@ fn negotiate(connect: &Connect, subprotocol: Option<Version>) -> Result<Version,
         // STOMP 1.0 clients send no accept-version; the subprotocol, when
         // one was negotiated, says more.
         None => Ok(subprotocol.unwrap_or(Version::V1_0)),
+    }
+}
+
+fn denied_by_grants(usage: Use, destination: &str) -> SessionError {
+    SessionError::Denied {
+        rule: "auth.users",
+        detail: format!("{usage} to {destination:?} is not granted to this user"),
     }
 }
 
@@ -563,6 +588,8 @@ struct Session<B: Broker> {
     entry: Arc<SessionEntry>,
     /// Removes the entry when the session is dropped.
     _registration: Registration,
+    /// What the authenticated user may subscribe to and publish to.
+    grants: Arc<Grants>,
     /// Opens the session's queue again after the broker was lost.
     factory: B,
     /// The session's queue and channel; None while reconnecting.
@@ -975,6 +1002,9 @@ impl<B: Broker> Session<B> {
         let destination =
             Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
         self.check_exchange(&destination)?;
+        if !self.grants.may_publish(&destination.route) {
+            return Err(denied_by_grants(Use::Send, &send.destination));
+        }
         let message = Publish {
             route: destination.route,
             headers: send.headers,
@@ -1003,9 +1033,10 @@ impl<B: Broker> Session<B> {
         if self.config.amqp.exchange_allowed(exchange) {
             return Ok(());
         }
-        Err(SessionError::Denied(format!(
-            "exchange {exchange:?} is not in amqp.allowed_exchanges"
-        )))
+        Err(SessionError::Denied {
+            rule: "amqp.allowed_exchanges",
+            detail: format!("exchange {exchange:?} is not in amqp.allowed_exchanges"),
+        })
     }
 
     async fn subscribe(
@@ -1030,6 +1061,9 @@ impl<B: Broker> Session<B> {
         let destination =
             Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
         self.check_exchange(&destination)?;
+        if !self.grants.may_subscribe(&destination.route) {
+            return Err(denied_by_grants(Use::Subscribe, destination_name));
+        }
         let users = self.bindings.get(&destination.route).copied().unwrap_or(0);
         // While reconnecting, the binding is made when the queue is back.
         if let (0, Some(broker)) = (users, self.broker.as_mut()) {

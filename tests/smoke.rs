@@ -108,3 +108,34 @@ fn config_file_then_environment() {
     assert!(!config.server.node_id.is_empty(), "node id derived");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// auth.mode "none" on a non-loopback address gets a warning at start.
+#[test]
+fn open_access_beyond_loopback_is_warned_about() {
+    use std::io::{BufRead, BufReader};
+    let mut child = stompgate_command(&[("STOMPGATE__SERVER__LISTEN", "0.0.0.0:0")], &[])
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let warned = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("auth.mode is \"none\"") => break true,
+            Ok(line) if line.contains("listening on") => break false,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "no warning about auth.mode none on 0.0.0.0");
+}

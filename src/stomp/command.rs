@@ -61,8 +61,8 @@ impl AckMode {
 #[derive(Debug)]
 pub struct Connect {
     pub accept_version: Option<String>,
-    /// Not verified yet: shown to operators in /admin/sessions.
     pub login: Option<String>,
+    pub passcode: Option<String>,
     /// `(cx, cy)` in milliseconds: what the client sends, what it wants.
     pub heart_beat: (u64, u64),
 }
@@ -178,6 +178,7 @@ impl ClientCommand {
                 ClientCommand::Connect(Connect {
                     accept_version: frame.get("accept-version").map(str::to_owned),
                     login: frame.get("login").map(str::to_owned),
+                    passcode: frame.get("passcode").map(str::to_owned),
                     heart_beat,
                 })
             }

@@ -1,0 +1,306 @@
+//! Who may connect (`auth.mode`), and what each may read and write: grants
+//! of topic patterns for SUBSCRIBE and for SEND, checked per frame.
+//!
+//! A grant is a binding-key pattern (`no01`, `news.*`, `#`) on the exchange
+//! behind /topic/, /sub/ and /pub/, or `<exchange>/<pattern>` for
+//! `/exchange/<exchange>/…`. A wildcard SUBSCRIBE is allowed only when
+//! everything it could receive is granted: `news.*` does not cover `#`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::Argon2;
+use serde::Deserialize;
+
+use crate::destination::Route;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Everyone may connect and use every destination (local development).
+    None,
+    /// CONNECT's login/passcode against `auth.users` (argon2 hashes).
+    Users,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// A PHC string from `stompgate hash-password`.
+    pub password_hash: String,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+/// A grant pattern, parsed.
+#[derive(Debug, Clone)]
+struct Pattern {
+    /// None: the default exchange (`amqp.exchange`).
+    exchange: Option<String>,
+    words: Vec<String>,
+}
+
+impl Pattern {
+    fn parse(text: &str) -> Pattern {
+        let (exchange, key) = match text.split_once('/') {
+            Some((exchange, key)) => (Some(exchange.to_owned()), key),
+            None => (None, text),
+        };
+        Pattern {
+            exchange,
+            words: words(key).map(str::to_owned).collect(),
+        }
+    }
+
+    fn exchange_is(&self, route: &Route, default_exchange: &str) -> bool {
+        self.exchange.as_deref().unwrap_or(default_exchange) == route.exchange
+    }
+}
+
+fn words(key: &str) -> impl Iterator<Item = &str> {
+    key.split('.').filter(|_| !key.is_empty())
+}
+
+/// Whether every routing key that binding key `wanted` matches is also
+/// matched by grant `granted`. Dynamic programming over words: a granted
+/// `#` takes any run of wanted words, a granted `*` one wanted word that
+/// is not `#`, a literal only the same literal.
+fn covers(granted: &[String], wanted: &[&str]) -> bool {
+    let mut row = vec![false; wanted.len() + 1];
+    row[0] = true;
+    for g in granted {
+        let mut next = vec![false; wanted.len() + 1];
+        if g == "#" {
+            let mut reachable = false;
+            for j in 0..=wanted.len() {
+                reachable |= row[j];
+                next[j] = reachable;
+            }
+        } else {
+            for j in 1..=wanted.len() {
+                let w = wanted[j - 1];
+                let fits = if g == "*" { w != "#" } else { w == g };
+                next[j] = row[j - 1] && fits;
+            }
+        }
+        row = next;
+    }
+    row[wanted.len()]
+}
+
+/// What one connection may do.
+#[derive(Debug)]
+pub struct Grants {
+    /// `auth.mode = "none"`: every destination (that the other rules,
+    /// like amqp.allowed_exchanges, let through).
+    unrestricted: bool,
+    default_exchange: String,
+    subscribe: Vec<Pattern>,
+    publish: Vec<Pattern>,
+}
+
+impl Grants {
+    fn everything(default_exchange: &str) -> Grants {
+        Grants {
+            unrestricted: true,
+            ..Grants::new(default_exchange, &[], &[])
+        }
+    }
+
+    fn new(default_exchange: &str, subscribe: &[String], publish: &[String]) -> Grants {
+        Grants {
+            unrestricted: false,
+            default_exchange: default_exchange.to_owned(),
+            subscribe: subscribe.iter().map(|p| Pattern::parse(p)).collect(),
+            publish: publish.iter().map(|p| Pattern::parse(p)).collect(),
+        }
+    }
+
+    /// A pattern without an exchange applies to the default exchange only.
+    fn allows(&self, patterns: &[Pattern], route: &Route) -> bool {
+        if self.unrestricted {
+            return true;
+        }
+        let wanted: Vec<&str> = words(&route.key).collect();
+        patterns
+            .iter()
+            .any(|p| p.exchange_is(route, &self.default_exchange) && covers(&p.words, &wanted))
+    }
+
+    pub fn may_subscribe(&self, route: &Route) -> bool {
+        self.allows(&self.subscribe, route)
+    }
+
+    pub fn may_publish(&self, route: &Route) -> bool {
+        self.allows(&self.publish, route)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Wrong login or passcode, or none given: the client learns nothing
+    /// more than this.
+    #[error("access refused")]
+    Refused,
+}
+
+struct User {
+    hash: String,
+    grants: Arc<Grants>,
+}
+
+pub struct Auth {
+    mode: AuthMode,
+    users: HashMap<String, User>,
+    open: Arc<Grants>,
+}
+
+/// A valid hash of no password anyone knows: unknown logins are checked
+/// against it, so they take as long as wrong passcodes.
+const DECOY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c3RvbXBnYXRlZGVjb3k$oTMyChV+8F4xqyG1ZzUx0VbGHsmEIQyQAnzS9u5h0S0";
+
+impl Auth {
+    /// Checks every configured hash up front, so a typo fails at start.
+    pub fn new(config: &AuthConfig, default_exchange: &str) -> Result<Auth, String> {
+        let mut users = HashMap::new();
+        for user in &config.users {
+            PasswordHash::new(&user.password_hash).map_err(|e| {
+                format!(
+                    "auth.users: user {:?}: password_hash is not a PHC string from \
+                     `stompgate hash-password`: {e}",
+                    user.name
+                )
+            })?;
+            let grants = Grants::new(default_exchange, &user.subscribe, &user.publish);
+            let user_entry = User {
+                hash: user.password_hash.clone(),
+                grants: Arc::new(grants),
+            };
+            if users.insert(user.name.clone(), user_entry).is_some() {
+                return Err(format!("auth.users: user {:?} is listed twice", user.name));
+            }
+        }
+        if config.mode == AuthMode::Users && users.is_empty() {
+            return Err("auth.mode is \"users\" but auth.users lists nobody".into());
+        }
+        Ok(Auth {
+            mode: config.mode,
+            users,
+            open: Arc::new(Grants::everything(default_exchange)),
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// The grants of whoever CONNECT says it is. Password hashing is slow
+    /// on purpose, so it runs off the async workers.
+    pub async fn authenticate(
+        &self,
+        login: Option<&str>,
+        passcode: Option<&str>,
+    ) -> Result<Arc<Grants>, AuthError> {
+        if self.mode == AuthMode::None {
+            return Ok(self.open.clone());
+        }
+        let user = login.and_then(|l| self.users.get(l));
+        let hash = user.map_or(DECOY_HASH, |u| u.hash.as_str()).to_owned();
+        let passcode = passcode.unwrap_or_default().to_owned();
+        let verified = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| {
+                    Argon2::default()
+                        .verify_password(passcode.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        match user {
+            Some(user) if verified => Ok(user.grants.clone()),
+            _ => Err(AuthError::Refused),
+        }
+    }
+}
+
+/// `stompgate hash-password`: a PHC string for `auth.users`.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(key: &str) -> Route {
+        Route {
+            exchange: "amq.topic".into(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn grants_cover_only_what_they_allow() {
+        let g = Grants::new(
+            "amq.topic",
+            &["news.*".into(), "no01".into(), "amq.direct/orders.#".into()],
+            &["no01".into()],
+        );
+        assert!(g.may_subscribe(&route("no01")));
+        assert!(g.may_subscribe(&route("news.sport")));
+        assert!(g.may_subscribe(&route("news.*")));
+        assert!(
+            !g.may_subscribe(&route("news.#")),
+            "news.* does not cover news.#"
+        );
+        assert!(!g.may_subscribe(&route("#")), "news.* does not cover #");
+        assert!(!g.may_subscribe(&route("*")));
+        assert!(!g.may_subscribe(&route("no02")));
+        assert!(g.may_publish(&route("no01")));
+        assert!(
+            !g.may_publish(&route("news.sport")),
+            "readers may not publish"
+        );
+        let direct = |key: &str| Route {
+            exchange: "amq.direct".into(),
+            key: key.into(),
+        };
+        assert!(g.may_subscribe(&direct("orders.eu.new")));
+        assert!(
+            !g.may_subscribe(&route("orders.eu")),
+            "granted on amq.direct only"
+        );
+        let all = Grants::everything("amq.topic");
+        assert!(all.may_subscribe(&route("#")));
+        assert!(all.may_publish(&direct("x")));
+        let hash_only = Grants::new("amq.topic", &["#".into()], &[]);
+        assert!(
+            !hash_only.may_subscribe(&direct("x")),
+            "# grants the default exchange"
+        );
+    }
+
+    #[test]
+    fn decoy_hash_is_valid() {
+        assert!(PasswordHash::new(DECOY_HASH).is_ok());
+    }
+}

@@ -1,0 +1,227 @@
+//! auth.mode = "users": who may connect, and per-user grants for SUBSCRIBE
+//! and SEND, over real WebSockets against the real RabbitMQ.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use common::{body_text, stompgate_command, unique, Client, Gateway};
+use stompgate::auth::{hash_password, AuthMode, UserConfig};
+use stompgate::config::Config;
+use stompgate::stomp::frame::Frame;
+
+/// Hashing is slow on purpose: hash the test passwords once.
+fn hashes() -> &'static (String, String) {
+    static HASHES: OnceLock<(String, String)> = OnceLock::new();
+    HASHES.get_or_init(|| {
+        (
+            hash_password("editor-pass").unwrap(),
+            hash_password("reader-pass").unwrap(),
+        )
+    })
+}
+
+/// Users for a test whose channels start with `root`.
+async fn gateway(root: &str) -> Gateway {
+    let (editor, reader) = hashes().clone();
+    let root = root.to_owned();
+    Gateway::start_with(move |c| {
+        c.auth.mode = AuthMode::Users;
+        c.auth.users = vec![
+            UserConfig {
+                name: "editor".into(),
+                password_hash: editor,
+                subscribe: vec![
+                    format!("{root}.no01"),
+                    format!("{root}.no02"),
+                    "amq.direct/orders.#".into(),
+                ],
+                publish: vec![format!("{root}.no01")],
+            },
+            UserConfig {
+                name: "reader".into(),
+                password_hash: reader,
+                subscribe: vec![format!("{root}.news.*")],
+                publish: vec![],
+            },
+        ];
+    })
+    .await
+}
+
+fn connect_frame(login: Option<&str>, passcode: Option<&str>) -> Frame {
+    let mut frame = Frame::new("CONNECT").header("accept-version", "1.2");
+    if let Some(login) = login {
+        frame = frame.header("login", login);
+    }
+    if let Some(passcode) = passcode {
+        frame = frame.header("passcode", passcode);
+    }
+    frame
+}
+
+async fn login(gw: &Gateway, user: &str, passcode: &str) -> Client {
+    let mut client = Client::open(gw).await;
+    client
+        .handshake(connect_frame(Some(user), Some(passcode)))
+        .await;
+    client
+}
+
+async fn refusals(gw: &Gateway, limit: &str) -> String {
+    let text = reqwest::get(gw.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let name = format!("stompgate_refusals_total{{limit=\"{limit}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .unwrap_or("0")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn wrong_unknown_or_missing_credentials_are_refused_alike() {
+    let root = unique("auth");
+    let gw = gateway(&root).await;
+    let mut bodies = Vec::new();
+    for (login, passcode) in [
+        (Some("editor"), Some("wrong")),
+        (Some("nobody"), Some("editor-pass")),
+        (None, None),
+    ] {
+        let mut client = Client::open(&gw).await;
+        client.send_frame(&connect_frame(login, passcode)).await;
+        let error = client.expect_error().await;
+        assert_eq!(error.get("message"), Some("access refused"));
+        bodies.push(body_text(&error).to_owned());
+    }
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "refusals must not differ: {bodies:?}"
+    );
+    assert_eq!(refusals(&gw, "auth").await, "3");
+    // The right passcode gets in.
+    login(&gw, "editor", "editor-pass").await.disconnect().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn grants_separate_subscribe_from_send() {
+    let root = unique("grant");
+    let gw = gateway(&root).await;
+    let no01 = format!("/topic/{root}.no01");
+    let no02 = format!("/topic/{root}.no02");
+
+    let mut editor = login(&gw, "editor", "editor-pass").await;
+    editor.subscribe("1", &no01).await;
+    let mut watcher = login(&gw, "editor", "editor-pass").await;
+    watcher.subscribe("2", &no02).await;
+    let receipt = editor.send_confirmed(&no01, "granted").await;
+    assert_eq!(receipt.get("routed"), Some("true"));
+    assert_eq!(body_text(&editor.recv_message().await), "granted");
+
+    // May read no02 but not write it: ERROR, close, nothing published.
+    editor.send(&no02, "not granted").await;
+    let error = editor.expect_error().await;
+    assert_eq!(error.get("message"), Some("access refused"));
+    assert!(body_text(&error).contains("not granted"));
+    let (connection, channel) = common::amqp_channel().await;
+    channel
+        .basic_publish(
+            "amq.topic".into(),
+            format!("{root}.no02").as_str().into(),
+            Default::default(),
+            b"marker",
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(body_text(&watcher.recv_message().await), "marker");
+    connection.close(200, "done".into()).await.unwrap();
+    watcher.disconnect().await;
+
+    // Grants on another exchange.
+    let mut editor = login(&gw, "editor", "editor-pass").await;
+    editor
+        .subscribe("o", "/exchange/amq.direct/orders.eu")
+        .await;
+    editor.disconnect().await;
+    assert_eq!(refusals(&gw, "auth.users").await, "1");
+    gw.stop().await;
+}
+
+/// A wildcard SUBSCRIBE must be covered by a grant: news.* allows
+/// news.sport and news.* but not news.# or #.
+#[tokio::test]
+async fn wildcard_subscriptions_must_be_covered() {
+    let root = unique("wild");
+    let gw = gateway(&root).await;
+    let mut reader = login(&gw, "reader", "reader-pass").await;
+    reader
+        .subscribe("a", &format!("/topic/{root}.news.sport"))
+        .await;
+    reader.subscribe("b", &format!("/sub/{root}.news.*")).await;
+    reader.disconnect().await;
+    for wanted in [
+        format!("{root}.news.#"),
+        "#".to_owned(),
+        format!("{root}.*.sport"),
+    ] {
+        let mut reader = login(&gw, "reader", "reader-pass").await;
+        reader
+            .send_frame(
+                &Frame::new("SUBSCRIBE")
+                    .header("id", "x")
+                    .header("destination", format!("/topic/{wanted}"))
+                    .header("receipt", "r"),
+            )
+            .await;
+        let error = reader.expect_error().await;
+        assert_eq!(error.get("message"), Some("access refused"), "{wanted}");
+        assert_eq!(error.get("receipt-id"), Some("r"));
+    }
+    // Readers may not publish at all.
+    let mut reader = login(&gw, "reader", "reader-pass").await;
+    reader.send(&format!("/topic/{root}.news.sport"), "x").await;
+    assert_eq!(
+        reader.expect_error().await.get("message"),
+        Some("access refused")
+    );
+    gw.stop().await;
+}
+
+#[test]
+fn hash_password_subcommand_and_bad_hashes() {
+    let mut child = stompgate_command(&[], &["hash-password"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let hash = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+
+    // A config with that hash is accepted; a mangled one is refused at start.
+    let dir = std::env::temp_dir().join(unique("authcfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth.toml");
+    let toml = |hash: &str| {
+        format!(
+            "[auth]\nmode = \"users\"\n[[auth.users]]\nname = \"a\"\npassword_hash = \"{hash}\"\nsubscribe = [\"#\"]\n"
+        )
+    };
+    std::fs::write(&file, toml(&hash)).unwrap();
+    assert!(Config::load_from(Some(&file), Some(Default::default())).is_ok());
+    std::fs::write(&file, toml("not-a-hash")).unwrap();
+    let error = Config::load_from(Some(&file), Some(Default::default())).unwrap_err();
+    assert!(error.to_string().contains("auth"), "{error}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
