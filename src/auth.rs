@@ -13,6 +13,8 @@ use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 use serde::Deserialize;
 
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
 use crate::destination::Route;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -22,6 +24,10 @@ pub enum AuthMode {
     None,
     /// CONNECT's login/passcode against `auth.users` (argon2 hashes).
     Users,
+    /// A JSON Web Token in CONNECT's passcode, an `Authorization: Bearer`
+    /// header or an `access_token` query parameter on the upgrade; grants
+    /// come from its `stomp` claim, and its `exp` ends the connection.
+    Jwt,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +35,50 @@ pub enum AuthMode {
 pub struct AuthConfig {
     pub mode: AuthMode,
     pub users: Vec<UserConfig>,
+    pub jwt: JwtConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// HS256, RS256 or ES256.
+    pub algorithm: String,
+    /// The shared secret, for HS256.
+    pub secret: String,
+    /// A PEM public key file, for RS256 and ES256.
+    pub public_key_file: String,
+    /// When not empty, the `iss` a token must carry.
+    pub issuer: String,
+    /// When not empty, the `aud` a token must carry.
+    pub audience: String,
+}
+
+/// The claims stompgate reads from a token.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    /// Seconds since the Unix epoch; required.
+    exp: u64,
+    #[serde(default)]
+    stomp: StompClaim,
+}
+
+/// `"stomp": {"subscribe": [...], "publish": [...]}`: grant patterns as in
+/// `auth.users`. A token without it may connect but use no destination.
+#[derive(Debug, Default, Deserialize)]
+struct StompClaim {
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+/// Who a connection is, once authenticated.
+pub struct Identity {
+    pub user: Option<String>,
+    pub grants: Arc<Grants>,
+    /// When the credentials stop being valid (a token's `exp`).
+    pub expires: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +214,8 @@ pub struct Auth {
     mode: AuthMode,
     users: HashMap<String, User>,
     open: Arc<Grants>,
+    jwt: Option<(DecodingKey, Validation)>,
+    default_exchange: String,
 }
 
 /// A valid hash of no password anyone knows: unknown logins are checked
@@ -195,10 +247,16 @@ impl Auth {
         if config.mode == AuthMode::Users && users.is_empty() {
             return Err("auth.mode is \"users\" but auth.users lists nobody".into());
         }
+        let jwt = match config.mode {
+            AuthMode::Jwt => Some(jwt_validation(&config.jwt)?),
+            _ => None,
+        };
         Ok(Auth {
             mode: config.mode,
             users,
             open: Arc::new(Grants::everything(default_exchange)),
+            jwt,
+            default_exchange: default_exchange.to_owned(),
         })
     }
 
@@ -206,16 +264,61 @@ impl Auth {
         self.mode
     }
 
-    /// The grants of whoever CONNECT says it is. Password hashing is slow
-    /// on purpose, so it runs off the async workers.
+    /// Who CONNECT (and the upgrade request's token, if any) says the
+    /// client is, and what it may do.
     pub async fn authenticate(
         &self,
         login: Option<&str>,
         passcode: Option<&str>,
-    ) -> Result<Arc<Grants>, AuthError> {
-        if self.mode == AuthMode::None {
-            return Ok(self.open.clone());
+        upgrade_token: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        match self.mode {
+            AuthMode::None => Ok(Identity {
+                user: login.map(str::to_owned),
+                grants: self.open.clone(),
+                expires: None,
+            }),
+            AuthMode::Users => {
+                let grants = self.check_password(login, passcode).await?;
+                Ok(Identity {
+                    user: login.map(str::to_owned),
+                    grants,
+                    expires: None,
+                })
+            }
+            AuthMode::Jwt => {
+                let token = passcode.filter(|p| !p.is_empty()).or(upgrade_token);
+                self.check_token(token.ok_or(AuthError::Refused)?)
+            }
         }
+    }
+
+    fn check_token(&self, token: &str) -> Result<Identity, AuthError> {
+        let (key, validation) = self.jwt.as_ref().ok_or(AuthError::Refused)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map_err(|e| {
+                tracing::debug!(error = %e, "token refused");
+                AuthError::Refused
+            })?
+            .claims;
+        let grants = Grants::new(
+            &self.default_exchange,
+            &claims.stomp.subscribe,
+            &claims.stomp.publish,
+        );
+        Ok(Identity {
+            user: claims.sub,
+            grants: Arc::new(grants),
+            expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp)),
+        })
+    }
+
+    /// Password hashing is slow on purpose, so it runs off the async workers.
+    async fn check_password(
+        &self,
+        login: Option<&str>,
+        passcode: Option<&str>,
+    ) -> Result<Arc<Grants>, AuthError> {
         let user = login.and_then(|l| self.users.get(l));
         let hash = user.map_or(DECOY_HASH, |u| u.hash.as_str()).to_owned();
         let passcode = passcode.unwrap_or_default().to_owned();
@@ -235,6 +338,51 @@ impl Auth {
             _ => Err(AuthError::Refused),
         }
     }
+}
+
+/// The key and rules a token is checked with; `exp` is always required
+/// and checked without leeway.
+fn jwt_validation(config: &JwtConfig) -> Result<(DecodingKey, Validation), String> {
+    let read_key = || {
+        std::fs::read(&config.public_key_file)
+            .map_err(|e| format!("auth.jwt.public_key_file {:?}: {e}", config.public_key_file))
+    };
+    let (algorithm, key) = match config.algorithm.as_str() {
+        "HS256" if config.secret.is_empty() => {
+            return Err("auth.jwt.secret is empty; HS256 needs a shared secret".into())
+        }
+        "HS256" => (
+            Algorithm::HS256,
+            DecodingKey::from_secret(config.secret.as_bytes()),
+        ),
+        "RS256" => (
+            Algorithm::RS256,
+            DecodingKey::from_rsa_pem(&read_key()?)
+                .map_err(|e| format!("auth.jwt.public_key_file: not an RSA public key: {e}"))?,
+        ),
+        "ES256" => (
+            Algorithm::ES256,
+            DecodingKey::from_ec_pem(&read_key()?)
+                .map_err(|e| format!("auth.jwt.public_key_file: not an EC public key: {e}"))?,
+        ),
+        other => {
+            return Err(format!(
+                "auth.jwt.algorithm {other:?}: use HS256, RS256 or ES256"
+            ))
+        }
+    };
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp"]);
+    if !config.issuer.is_empty() {
+        validation.set_issuer(&[&config.issuer]);
+    }
+    if config.audience.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&[&config.audience]);
+    }
+    Ok((key, validation))
 }
 
 /// `stompgate hash-password`: a PHC string for `auth.users`.

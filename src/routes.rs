@@ -2,6 +2,7 @@
 //! check, message size limit), `/healthz`, `/readyz`, `/metrics`,
 //! `/admin/sessions` (bearer token) and the demo page at `/`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -49,6 +50,7 @@ pub fn routes<B: Broker>(
     let ws = warp::path("ws")
         .and(warp::path::end())
         .and(warp::ws())
+        .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
         .and(warp::addr::remote())
         .and(with_state.clone())
@@ -143,6 +145,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn upgrade<B: Broker>(
     ws: warp::ws::Ws,
+    query: HashMap<String, String>,
     headers: HeaderMap,
     peer: Option<SocketAddr>,
     state: Arc<State<B>>,
@@ -185,6 +188,7 @@ fn upgrade<B: Broker>(
                 metrics: state.metrics.clone(),
                 sessions: state.registry.clone(),
                 auth: state.auth.clone(),
+                upgrade_token: upgrade_token(&headers, query),
             };
             let sessions = state.sessions.clone();
             ws.on_upgrade(move |socket| {
@@ -217,6 +221,18 @@ fn upgrade<B: Broker>(
         // STOMP; the version then comes from CONNECT's accept-version.
         None => reply,
     }
+}
+
+/// A bearer token from the upgrade request: the `Authorization` header,
+/// else the `access_token` query parameter (browsers cannot set headers on
+/// a WebSocket).
+fn upgrade_token(headers: &HeaderMap, mut query: HashMap<String, String>) -> Option<String> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.remove("access_token"))
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {

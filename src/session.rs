@@ -55,6 +55,9 @@ pub struct SessionContext<B> {
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<admin::Registry>,
     pub auth: Arc<Auth>,
+    /// A token from the upgrade request (`Authorization: Bearer` header
+    /// or `access_token` query parameter), for `auth.mode = "jwt"`.
+    pub upgrade_token: Option<String>,
 }
 
 /// A protocol or broker failure: reported to the client in an ERROR frame,
@@ -273,12 +276,16 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
             return;
         }
     };
-    let grants = match ctx
+    let identity = match ctx
         .auth
-        .authenticate(connect.login.as_deref(), connect.passcode.as_deref())
+        .authenticate(
+            connect.login.as_deref(),
+            connect.passcode.as_deref(),
+            ctx.upgrade_token.as_deref(),
+        )
         .await
     {
-        Ok(grants) => grants,
+        Ok(identity) => identity,
         Err(refused) => {
             info!(login = connect.login.as_deref(), "authentication failed");
             conn.refused("auth");
@@ -313,7 +320,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
     let entry = Arc::new(SessionEntry::new(
         &id,
         &peer,
-        connect.login.clone(),
+        identity.user.clone(),
         version.as_str(),
         broker.queue_name(),
     ));
@@ -324,7 +331,13 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         metrics: ctx.metrics.clone(),
         _registration: ctx.sessions.register(entry.clone()),
         entry,
-        grants,
+        grants: identity.grants,
+        expires: identity.expires.map(|at| {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            Instant::now() + left
+        }),
         factory: ctx.broker.clone(),
         broker: Some(broker),
         reconnect_at: Instant::now(),
@@ -590,6 +603,8 @@ struct Session<B: Broker> {
     _registration: Registration,
     /// What the authenticated user may subscribe to and publish to.
     grants: Arc<Grants>,
+    /// When the credentials expire (a token's `exp`): the session ends then.
+    expires: Option<Instant>,
     /// Opens the session's queue again after the broker was lost.
     factory: B,
     /// The session's queue and channel; None while reconnecting.
@@ -709,6 +724,16 @@ impl<B: Broker> Session<B> {
                     );
                     self.conn.refused("stomp.frame_timeout");
                     let error = command::error("frame timeout", &detail, None);
+                    self.conn.finish(Some(error), CLOSE_NORMAL).await;
+                    return End::Failed;
+                }
+                _ = sleep_until(self.expires.unwrap_or(far)), if self.expires.is_some() => {
+                    self.conn.refused("auth");
+                    let error = command::error(
+                        "token expired",
+                        "the token's exp has passed; connect again with a fresh token",
+                        None,
+                    );
                     self.conn.finish(Some(error), CLOSE_NORMAL).await;
                     return End::Failed;
                 }

@@ -225,3 +225,217 @@ fn hash_password_subcommand_and_bad_hashes() {
     assert!(error.to_string().contains("auth"), "{error}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+mod jwt {
+    use super::*;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    const SECRET: &str = "a-test-secret-of-decent-length-0123456789";
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn claims(exp: u64, subscribe: &[String], publish: &[String]) -> serde_json::Value {
+        serde_json::json!({
+            "sub": "jwt-user",
+            "exp": exp,
+            "stomp": {"subscribe": subscribe, "publish": publish},
+        })
+    }
+
+    fn hs256(claims: &serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    async fn hs256_gateway() -> Gateway {
+        Gateway::start_with(|c| {
+            c.auth.mode = AuthMode::Jwt;
+            c.auth.jwt.algorithm = "HS256".into();
+            c.auth.jwt.secret = SECRET.into();
+        })
+        .await
+    }
+
+    async fn refused(mut client: Client, passcode: Option<&str>) {
+        client.send_frame(&connect_frame(None, passcode)).await;
+        assert_eq!(
+            client.expect_error().await.get("message"),
+            Some("access refused")
+        );
+    }
+
+    #[tokio::test]
+    async fn token_in_passcode_header_or_query() {
+        let gw = hs256_gateway().await;
+        let root = unique("jwt");
+        let token = hs256(&claims(
+            now() + 600,
+            &[format!("{root}.#")],
+            &[format!("{root}.no01")],
+        ));
+        // In the passcode, as RabbitMQ's OAuth 2 plugin takes it.
+        let mut client = Client::open(&gw).await;
+        client.handshake(connect_frame(None, Some(&token))).await;
+        client.subscribe("s", &format!("/topic/{root}.no01")).await;
+        client
+            .send_confirmed(&format!("/topic/{root}.no01"), "hi")
+            .await;
+        assert_eq!(body_text(&client.recv_message().await), "hi");
+        client
+            .send(&format!("/topic/{root}.no02"), "not granted")
+            .await;
+        assert_eq!(
+            client.expect_error().await.get("message"),
+            Some("access refused")
+        );
+        // In the upgrade's Authorization header, and its access_token parameter.
+        let bearer = format!("Bearer {token}");
+        let mut by_header = Client::open_url(&gw.ws_url(), &[("authorization", &bearer)]).await;
+        by_header.handshake(connect_frame(None, None)).await;
+        by_header.disconnect().await;
+        let url = format!("{}?access_token={token}", gw.ws_url());
+        let mut by_query = Client::open_url(&url, &[]).await;
+        by_query.handshake(connect_frame(None, None)).await;
+        by_query.disconnect().await;
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused() {
+        let gw = hs256_gateway().await;
+        let expired = hs256(&claims(now() - 10, &[], &[]));
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(now() + 600, &["#".into()], &["#".into()]),
+            &EncodingKey::from_secret(b"not the secret"),
+        )
+        .unwrap();
+        for passcode in [
+            Some(expired.as_str()),
+            Some(forged.as_str()),
+            Some("garbage"),
+            None,
+        ] {
+            refused(Client::open(&gw).await, passcode).await;
+        }
+        gw.stop().await;
+    }
+
+    /// exp holds for the whole connection, not only at CONNECT.
+    #[tokio::test]
+    async fn expiry_ends_the_connection() {
+        let gw = hs256_gateway().await;
+        let token = hs256(&claims(now() + 2, &["#".into()], &[]));
+        let mut client = Client::open(&gw).await;
+        client.handshake(connect_frame(None, Some(&token))).await;
+        client
+            .subscribe("s", &format!("/topic/{}", unique("exp")))
+            .await;
+        let error = client.expect_error().await;
+        assert_eq!(error.get("message"), Some("token expired"));
+        gw.stop().await;
+    }
+
+    fn openssl(args: &[&str]) {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// RS256 and ES256 with key pairs made by openssl for the test.
+    #[tokio::test]
+    async fn public_key_algorithms() {
+        let dir = std::env::temp_dir().join(unique("keys"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &path("rsa.pem"),
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &path("rsa.pem"),
+            "-pubout",
+            "-out",
+            &path("rsa.pub"),
+        ]);
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &path("ec.pem"),
+        ]);
+        openssl(&[
+            "pkey",
+            "-in",
+            &path("ec.pem"),
+            "-pubout",
+            "-out",
+            &path("ec.pub"),
+        ]);
+        for (algorithm, private, public) in [
+            ("RS256", "rsa.pem", "rsa.pub"),
+            ("ES256", "ec.pem", "ec.pub"),
+        ] {
+            let pem = std::fs::read(path(private)).unwrap();
+            let (alg, key) = match algorithm {
+                "RS256" => (Algorithm::RS256, EncodingKey::from_rsa_pem(&pem).unwrap()),
+                _ => (Algorithm::ES256, EncodingKey::from_ec_pem(&pem).unwrap()),
+            };
+            let token = encode(
+                &Header::new(alg),
+                &claims(now() + 600, &["#".into()], &[]),
+                &key,
+            )
+            .unwrap();
+            let public_key = path(public);
+            let gw = Gateway::start_with(move |c| {
+                c.auth.mode = AuthMode::Jwt;
+                c.auth.jwt.algorithm = algorithm.into();
+                c.auth.jwt.public_key_file = public_key;
+            })
+            .await;
+            let mut client = Client::open(&gw).await;
+            client.handshake(connect_frame(None, Some(&token))).await;
+            client
+                .subscribe("s", &format!("/topic/{}", unique("pk")))
+                .await;
+            client.disconnect().await;
+            // An HS256 token signed with the public key's bytes is refused.
+            let confused = encode(
+                &Header::new(Algorithm::HS256),
+                &claims(now() + 600, &["#".into()], &[]),
+                &EncodingKey::from_secret(&std::fs::read(path(public)).unwrap()),
+            )
+            .unwrap();
+            refused(Client::open(&gw).await, Some(&confused)).await;
+            gw.stop().await;
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -173,14 +173,21 @@ impl Client {
     }
 
     pub async fn open_with(gw: &Gateway, protocols: Option<&str>, origin: Option<&str>) -> Client {
-        let mut request = gw.ws_url().into_client_request().unwrap();
+        let mut headers = Vec::new();
         if let Some(p) = protocols {
-            request
-                .headers_mut()
-                .insert("sec-websocket-protocol", p.parse().unwrap());
+            headers.push(("sec-websocket-protocol", p));
         }
         if let Some(o) = origin {
-            request.headers_mut().insert("origin", o.parse().unwrap());
+            headers.push(("origin", o));
+        }
+        Client::open_url(&gw.ws_url(), &headers).await
+    }
+
+    /// Opens a WebSocket to `url` with extra request headers.
+    pub async fn open_url(url: &str, headers: &[(&'static str, &str)]) -> Client {
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(*name, value.parse().unwrap());
         }
         let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
