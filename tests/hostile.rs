@@ -230,3 +230,53 @@ async fn connection_limits_and_a_connection_loop() {
     b.disconnect().await;
     gw.stop().await;
 }
+
+/// The remaining per-frame and per-transaction limits, each answered with
+/// an ERROR naming its config key and counted under it.
+#[tokio::test]
+async fn header_and_transaction_limits() {
+    let gw = Gateway::start_with(|c| {
+        c.stomp.max_headers = 8;
+        c.stomp.max_header_bytes = 256;
+        c.stomp.max_transactions = 2;
+        c.stomp.max_transaction_bytes = 1024;
+    })
+    .await;
+    let many_headers: String = (0..9).map(|i| format!("h{i}:v\n")).collect();
+    let long_header = format!("x:{}\n", "v".repeat(300));
+    let cases: [(String, &str, &str); 4] = [
+        (
+            format!("SEND\ndestination:/topic/x\n{many_headers}\n\0"),
+            "too many headers",
+            "stomp.max_headers",
+        ),
+        (
+            format!("SEND\ndestination:/topic/x\n{long_header}\n\0"),
+            "header too long",
+            "stomp.max_header_bytes",
+        ),
+        (
+            "BEGIN\ntransaction:a\n\n\0BEGIN\ntransaction:b\n\n\0BEGIN\ntransaction:c\n\n\0".into(),
+            "limit exceeded",
+            "stomp.max_transactions",
+        ),
+        (
+            format!(
+                "BEGIN\ntransaction:t\n\n\0SEND\ndestination:/topic/x\ntransaction:t\n\n{}\0",
+                "b".repeat(2000)
+            ),
+            "limit exceeded",
+            "stomp.max_transaction_bytes",
+        ),
+    ];
+    for (frames, message, key) in cases {
+        let (mut client, _) = Client::connect(&gw).await;
+        client.send_raw(frames.as_bytes()).await;
+        let error = client.expect_error().await;
+        assert_eq!(error.get("message"), Some(message), "{key}");
+        assert!(body_text(&error).contains(key), "{key}: {error:?}");
+        assert_eq!(refusals(&gw, key).await, 1.0, "{key}");
+    }
+    assert_served(&gw).await;
+    gw.stop().await;
+}
