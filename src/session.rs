@@ -1,7 +1,8 @@
-//! One task per WebSocket: waits for CONNECT, opens the connection's queue,
-//! then runs one `select!` loop over client frames, broker deliveries,
-//! publisher confirms, heart-beats and shutdown. Whatever ends it, the
-//! queue is deleted and the channel closed before the task returns.
+//! One task per WebSocket: waits for CONNECT, authenticates, opens the
+//! connection's queue, then runs one `select!` loop over client frames,
+//! broker deliveries, publisher confirms, heart-beats, limits, broker
+//! reconnection and shutdown. Whatever ends it, the queue is deleted and
+//! the channel closed before the task returns.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -223,21 +224,7 @@ pub async fn run<B: Broker>(ws: WebSocket, ctx: SessionContext<B>) {
 
 async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String, peer: String) {
     let stomp = &ctx.config.stomp;
-    let limits = Limits {
-        max_frame_bytes: stomp.max_frame_bytes,
-        max_headers: stomp.max_headers,
-        max_header_bytes: stomp.max_header_bytes,
-    };
-    let mut conn = Connection {
-        ws,
-        decoder: Decoder::new(limits),
-        escapes: true,
-        write_timeout: stomp.slow_client_timeout,
-        last_write: Instant::now(),
-        last_read: Instant::now(),
-        partial_since: None,
-        metrics: ctx.metrics.clone(),
-    };
+    let mut conn = Connection::new(ws, &ctx.config, ctx.metrics.clone());
     let deadline = Instant::now() + stomp.connect_timeout;
     let (connect, receipt) = tokio::select! {
         _ = ctx.shutdown.cancelled() => {
@@ -442,6 +429,24 @@ enum Inbound {
 }
 
 impl Connection {
+    fn new(ws: WebSocket, config: &Config, metrics: Arc<Metrics>) -> Connection {
+        let stomp = &config.stomp;
+        Connection {
+            ws,
+            decoder: Decoder::new(Limits {
+                max_frame_bytes: stomp.max_frame_bytes,
+                max_headers: stomp.max_headers,
+                max_header_bytes: stomp.max_header_bytes,
+            }),
+            escapes: true,
+            write_timeout: stomp.slow_client_timeout,
+            last_write: Instant::now(),
+            last_read: Instant::now(),
+            partial_since: None,
+            metrics,
+        }
+    }
+
     /// Reads until the first frame; it must be CONNECT or STOMP.
     async fn first_frame(&mut self) -> Result<(Connect, Option<String>), End> {
         let frame = loop {
@@ -1411,21 +1416,7 @@ impl<B: Broker> Session<B> {
 /// Answers a WebSocket that a connection limit refused: an ERROR naming
 /// the limit, then the close.
 pub async fn refuse(ws: WebSocket, config: &Config, metrics: Arc<Metrics>, refusal: Refusal) {
-    let stomp = &config.stomp;
-    let mut conn = Connection {
-        ws,
-        decoder: Decoder::new(Limits {
-            max_frame_bytes: stomp.max_frame_bytes,
-            max_headers: stomp.max_headers,
-            max_header_bytes: stomp.max_header_bytes,
-        }),
-        escapes: true,
-        write_timeout: stomp.slow_client_timeout,
-        last_write: Instant::now(),
-        last_read: Instant::now(),
-        partial_since: None,
-        metrics,
-    };
+    let mut conn = Connection::new(ws, config, metrics);
     conn.refused(refusal.key());
     let error = command::error("too many connections", &refusal.detail(), None);
     conn.finish(Some(error), CLOSE_TRY_AGAIN).await;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::sync::OnceLock;
 
-use common::{body_text, stompgate_command, unique, Client, Gateway};
+use common::{body_text, refusals, stompgate_command, unique, Client, Gateway};
 use stompgate::auth::{hash_password, AuthMode, UserConfig};
 use stompgate::config::Config;
 use stompgate::stomp::frame::Frame;
@@ -70,20 +70,6 @@ async fn login(gw: &Gateway, user: &str, passcode: &str) -> Client {
     client
 }
 
-async fn refusals(gw: &Gateway, limit: &str) -> String {
-    let text = reqwest::get(gw.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let name = format!("stompgate_refusals_total{{limit=\"{limit}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&name))
-        .unwrap_or("0")
-        .to_owned()
-}
-
 #[tokio::test]
 async fn wrong_unknown_or_missing_credentials_are_refused_alike() {
     let root = unique("auth");
@@ -104,7 +90,7 @@ async fn wrong_unknown_or_missing_credentials_are_refused_alike() {
         bodies.iter().all(|b| b == &bodies[0]),
         "refusals must not differ: {bodies:?}"
     );
-    assert_eq!(refusals(&gw, "auth").await, "3");
+    assert_eq!(refusals(&gw, "auth").await, 3.0);
     // The right passcode gets in.
     login(&gw, "editor", "editor-pass").await.disconnect().await;
     gw.stop().await;
@@ -153,7 +139,7 @@ async fn grants_separate_subscribe_from_send() {
         .subscribe("o", "/exchange/amq.direct/orders.eu")
         .await;
     editor.disconnect().await;
-    assert_eq!(refusals(&gw, "auth.users").await, "1");
+    assert_eq!(refusals(&gw, "auth.users").await, 1.0);
     gw.stop().await;
 }
 

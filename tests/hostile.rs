@@ -6,23 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{body_text, reader_and_writer, unique, Client, Closed, Gateway};
+use common::{body_text, reader_and_writer, refusals, unique, Client, Closed, Gateway};
 use futures_util::StreamExt;
 use stompgate::stomp::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
-
-async fn refusals(gw: &Gateway, limit: &str) -> f64 {
-    let text = reqwest::get(gw.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let name = format!("stompgate_refusals_total{{limit=\"{limit}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&name))
-        .map_or(0.0, |v| v.parse().unwrap())
-}
 
 async fn assert_served(gw: &Gateway) {
     let dest = format!("/topic/{}", unique("ok"));

@@ -7,25 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{body_text, unique, Client, Gateway, WAIT};
+use common::{body_text, scrape, unique, Client, Gateway, WAIT};
 use stompgate::stomp::frame::Frame;
-
-/// `name{labels}` → value, from the text exposition format.
-async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
-    let text = reqwest::get(gw.http_url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 fn value(metrics: &HashMap<String, f64>, name: &str) -> f64 {
     metrics.get(name).copied().unwrap_or(0.0)

@@ -108,15 +108,11 @@ async fn a_stuck_client_is_closed_and_its_queue_stays_bounded() {
     // The stuck session is closed and its queue deleted...
     mgmt.wait_no_queues(&queue, Duration::from_secs(20)).await;
     // ...and the count says why.
-    let metrics = reqwest::get(gw.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("stompgate_slow_client_disconnects_total 1"),
-        "{metrics}"
+    let metrics = common::scrape(&gw).await;
+    assert_eq!(metrics["stompgate_slow_client_disconnects_total"], 1.0);
+    assert_eq!(
+        metrics[r#"stompgate_refusals_total{limit="stomp.slow_client_timeout"}"#],
+        1.0
     );
     reader.disconnect().await;
     writer.disconnect().await;

@@ -402,6 +402,29 @@ pub async fn reader_and_writer(gw: &Gateway, destination: &str, ack: &str) -> (C
     (reader, writer)
 }
 
+/// `/metrics` as `name{labels}` → value.
+pub async fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
+    let text = reqwest::get(gw.http_url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `stompgate_refusals_total` for one limit (0 when never counted).
+pub async fn refusals(gw: &Gateway, limit: &str) -> f64 {
+    let name = format!("stompgate_refusals_total{{limit=\"{limit}\"}}");
+    scrape(gw).await.get(&name).copied().unwrap_or(0.0)
+}
+
 pub fn body_text(frame: &Frame) -> &str {
     std::str::from_utf8(&frame.body).expect("UTF-8 body")
 }
