@@ -365,3 +365,34 @@ async fn two_nodes_share_the_newspaper() {
     node_a.stop().await;
     node_b.stop().await;
 }
+
+/// Receipts of pipelined SENDs, routed and unroutable interleaved, each say
+/// `routed` for their own message, even when the broker confirms several at
+/// once and reports returns along with other messages' confirms.
+#[tokio::test]
+async fn routed_is_exact_for_pipelined_sends() {
+    let gw = Gateway::start().await;
+    let read = unique("read");
+    let nobody = unique("nobody");
+    let (mut reader, _) = Client::connect(&gw).await;
+    reader.subscribe("s", &format!("/topic/{read}")).await;
+    let (mut writer, _) = Client::connect(&gw).await;
+    let frames: String = (0..400)
+        .map(|i| {
+            let key = if i % 3 == 0 { &nobody } else { &read };
+            format!("SEND\ndestination:/topic/{key}\nreceipt:{i}\n\n{i}\0")
+        })
+        .collect();
+    writer.send_raw(frames.as_bytes()).await;
+    for i in 0..400 {
+        let receipt = writer.expect_receipt(&i.to_string()).await;
+        let expected = if i % 3 == 0 { "false" } else { "true" };
+        assert_eq!(receipt.get("routed"), Some(expected), "receipt {i}");
+    }
+    for i in (0..400).filter(|i| i % 3 != 0) {
+        assert_eq!(body_text(&reader.recv_message().await), i.to_string());
+    }
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}

@@ -21,14 +21,15 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consumer};
 
-use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use super::{Acked, Broker, BrokerError, BrokerSession, Delivery, Publish};
 use crate::config::{AmqpConfig, Overflow};
 use crate::destination::Route;
 use crate::metrics::Metrics;
 
 /// STOMP headers that describe the frame itself, not the message: they
 /// never travel to RabbitMQ.
-const STOMP_OWN_HEADERS: [&str; 8] = [
+const STOMP_OWN_HEADERS: [&str; 9] = [
+    STAMP_HEADER,
     "destination",
     "receipt",
     "transaction",
@@ -38,6 +39,10 @@ const STOMP_OWN_HEADERS: [&str; 8] = [
     "ack",
     "redelivered",
 ];
+
+/// Identifies a session's publish in a message the broker returns (see
+/// [`super::Acked`]). Never shown to STOMP clients.
+const STAMP_HEADER: &str = "x-stompgate-stamp";
 
 /// Bounds the queue deletion and channel close at session end, so a dead
 /// broker cannot hold a finished session.
@@ -241,12 +246,13 @@ pub struct AmqpSession {
 
 /// A publisher confirm turned into the port's terms, without boxing.
 pub type AmqpConfirm =
-    Map<lapin::PublisherConfirm, fn(lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError>>;
+    Map<lapin::PublisherConfirm, fn(lapin::Result<Confirmation>) -> Result<Acked, BrokerError>>;
 
-fn confirmed(result: lapin::Result<Confirmation>) -> Result<Confirmed, BrokerError> {
+fn confirmed(result: lapin::Result<Confirmation>) -> Result<Acked, BrokerError> {
     match result.map_err(classify)? {
-        Confirmation::Ack(None) => Ok(Confirmed::Routed),
-        Confirmation::Ack(Some(_returned)) => Ok(Confirmed::Unroutable),
+        Confirmation::Ack(returned) => Ok(Acked {
+            carried_return: returned.and_then(|r| stamp_of(&r.delivery.properties)),
+        }),
         Confirmation::Nack(_) => Err(BrokerError::Nacked),
         Confirmation::NotRequested => Err(BrokerError::Refused(
             "publisher confirms are not enabled on the channel".into(),
@@ -286,8 +292,8 @@ impl BrokerSession for AmqpSession {
             .map_err(classify)
     }
 
-    async fn publish(&mut self, message: &Publish) -> Result<AmqpConfirm, BrokerError> {
-        let properties = properties_from_stomp(&message.headers)?;
+    async fn publish(&mut self, message: &Publish, stamp: u64) -> Result<AmqpConfirm, BrokerError> {
+        let properties = properties_from_stomp(&message.headers, stamp)?;
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -380,7 +386,10 @@ fn short(s: &str) -> Result<ShortString, BrokerError> {
 /// SEND headers → AMQP properties (the contract's six, plus
 /// `amqp-message-id`) and application headers for the rest. The first of
 /// repeated headers wins, as in STOMP.
-fn properties_from_stomp(headers: &[(String, String)]) -> Result<BasicProperties, BrokerError> {
+fn properties_from_stomp(
+    headers: &[(String, String)],
+    stamp: u64,
+) -> Result<BasicProperties, BrokerError> {
     fn invalid(name: &str, value: &str, expected: &str) -> BrokerError {
         BrokerError::Invalid(format!("header {name}:{value} is not {expected}"))
     }
@@ -422,7 +431,15 @@ fn properties_from_stomp(headers: &[(String, String)]) -> Result<BasicProperties
             }
         };
     }
+    table.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp as i64));
     Ok(properties.with_headers(table))
+}
+
+fn stamp_of(properties: &BasicProperties) -> Option<u64> {
+    match properties.headers().as_ref()?.inner().get(STAMP_HEADER)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
 }
 
 /// AMQP properties and headers → STOMP headers on MESSAGE, the reverse of
