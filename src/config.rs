@@ -46,6 +46,17 @@ pub struct ServerConfig {
     pub admin_token: String,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub tls: TlsConfig,
+}
+
+/// `wss://` served by the gateway itself; both empty: plain `ws://`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +260,9 @@ impl Config {
                 "server.allowed_origins",
                 "empty: no browser could connect; use [\"*\"] to allow all",
             ));
+        }
+        if let Err(reason) = crate::tls::server_config(&self.server.tls) {
+            return Err(invalid("server.tls", reason));
         }
         if let Err(reason) = Auth::new(&self.auth, &self.amqp.exchange) {
             return Err(invalid("auth", reason));

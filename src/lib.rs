@@ -11,7 +11,8 @@
 //!
 //! - [`config`]: settings, layered default.toml → `--config` → env.
 //! - [`auth`]: who may connect, and which destinations each may use.
-//! - [`server`]: binds, serves the routes, tracks sessions, drains on shutdown.
+//! - [`server`]: binds, serves the routes (over [`tls`] when configured),
+//!   tracks sessions, drains on shutdown.
 //! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
 //!   metrics, admin and the demo page.
 //! - [`session`]: one task per WebSocket, from CONNECT to close.
@@ -31,3 +32,4 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod stomp;
+pub mod tls;

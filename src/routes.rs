@@ -52,7 +52,7 @@ pub fn routes<B: Broker>(
         .and(warp::ws())
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(peer_addr())
         .and(with_state.clone())
         .map(upgrade);
     let healthz = warp::path("healthz")
@@ -233,6 +233,19 @@ fn upgrade_token(headers: &HeaderMap, mut query: HashMap<String, String>) -> Opt
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned)
         .or_else(|| query.remove("access_token"))
+}
+
+/// The client's address, when the connection was accepted over TLS by
+/// the gateway's own loop (warp's `addr::remote()` knows only the
+/// connections warp accepted itself).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+fn peer_addr(
+) -> impl Filter<Extract = (Option<SocketAddr>,), Error = std::convert::Infallible> + Clone {
+    warp::addr::remote()
+        .and(warp::ext::optional::<PeerAddr>())
+        .map(|remote: Option<SocketAddr>, tls: Option<PeerAddr>| remote.or(tls.map(|p| p.0)))
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {

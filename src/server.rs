@@ -14,7 +14,10 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
-use crate::routes::{self, State};
+use crate::routes::{self, PeerAddr, State};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_rustls::TlsAcceptor;
+use warp::{hyper, Filter};
 
 /// How often `stompgate_broker_up` is refreshed between other checks.
 const BROKER_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -58,15 +61,32 @@ pub async fn run<B: Broker>(
             config.server.max_connections_per_ip,
         )),
     });
+    let tls = match crate::tls::server_config(&config.server.tls) {
+        Ok(tls) => tls,
+        Err(reason) => {
+            // Config::load validated this already; a hand-built Config may not have.
+            error!(%reason, "invalid TLS configuration: not serving");
+            return;
+        }
+    };
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
     match listener.local_addr() {
-        Ok(addr) => info!(%addr, node_id = %config.server.node_id, "listening on ws://{addr}/ws"),
+        Ok(addr) => {
+            info!(%addr, node_id = %config.server.node_id, "listening on {scheme}://{addr}/ws")
+        }
         Err(e) => warn!(error = %e, "listening (address unknown)"),
     }
-    warp::serve(routes::routes(state))
-        .incoming(listener)
-        .graceful(shutdown.clone().cancelled_owned())
-        .run()
-        .await;
+    let routes = routes::routes(state);
+    match tls {
+        Some(tls) => serve_tls(listener, TlsAcceptor::from(tls), routes, shutdown.clone()).await,
+        None => {
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(shutdown.clone().cancelled_owned())
+                .run()
+                .await
+        }
+    }
     sessions.close();
     info!(open = sessions.len(), "shutting down: waiting for sessions");
     let limit = config.server.shutdown_timeout;
@@ -77,6 +97,62 @@ pub async fn run<B: Broker>(
         );
     }
     info!("stopped");
+}
+
+/// Longest a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts TLS connections and serves the routes on them (warp 0.4 has no
+/// TLS of its own). Each request carries the client's address as
+/// [`PeerAddr`], for logs and per-address limits.
+async fn serve_tls<F>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    routes: F,
+    shutdown: CancellationToken,
+) where
+    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F::Future: Send,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = warp::service(routes.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(PeerAddr(peer));
+                    let mut service = service.clone();
+                    tower_service::Service::call(&mut service, request)
+                },
+            );
+            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
 }
 
 /// Keeps the broker's health (and its metric) fresh even when nobody asks
