@@ -214,6 +214,7 @@ fn hash_password_subcommand_and_bad_hashes() {
 
 mod jwt {
     use super::*;
+    use common::openssl;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
     use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -330,18 +331,6 @@ mod jwt {
         let error = client.expect_error().await;
         assert_eq!(error.get("message"), Some("token expired"));
         gw.stop().await;
-    }
-
-    fn openssl(args: &[&str]) {
-        let output = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
     }
 
     /// RS256 and ES256 with key pairs made by openssl for the test.

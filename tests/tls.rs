@@ -5,24 +5,12 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{unique, Gateway, WAIT};
+use common::{openssl, unique, Gateway, WAIT};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-fn openssl(args: &[&str]) {
-    let output = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// Opens wss://localhost:port/ws trusting `cert`, and returns the socket.
 async fn open_wss(

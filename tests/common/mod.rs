@@ -656,6 +656,19 @@ fn wait_listening(child: &mut std::process::Child) -> SocketAddr {
     addr.parse().expect("bound address in the log line")
 }
 
+/// Runs openssl (keys and certificates for the JWT and TLS tests).
+pub fn openssl(args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl (scripts/test installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// A direct AMQP connection, as "any AMQP client" in the interop tests.
 pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     require_rabbitmq().await;
