@@ -5,6 +5,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY config config
 COPY static static
+COPY bench bench
 RUN cargo build --release --locked --bin stompgate
 
 FROM debian:bookworm-slim

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub node_id: String,
     pub allowed_origins: Vec<String>,
     pub max_message_bytes: usize,
+    pub read_buffer_bytes: usize,
+    /// Threads running sessions; 0 = one per CPU core.
+    pub worker_threads: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Bearer token for `/admin/sessions`; empty disables the endpoint.
@@ -101,6 +104,7 @@ pub struct AmqpConfig {
     pub exchange: String,
     pub prefetch: u16,
     pub pool_size: usize,
+    pub sessions_per_connection: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -212,6 +216,12 @@ impl Config {
         }
         if self.amqp.pool_size == 0 {
             return Err(invalid("amqp.pool_size", "must be at least 1"));
+        }
+        if !(1..=2047).contains(&self.amqp.sessions_per_connection) {
+            return Err(invalid(
+                "amqp.sessions_per_connection",
+                "must be from 1 to 2047 (RabbitMQ's largest channel_max)",
+            ));
         }
         let s = &self.stomp;
         for (key, value) in [

@@ -15,6 +15,7 @@
 //!   tracks sessions, drains on shutdown.
 //! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
 //!   metrics, admin and the demo page.
+//! - [`websocket`]: the upgrade itself, with the socket's buffers sized.
 //! - [`session`]: one task per WebSocket, from CONNECT to close.
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
@@ -33,3 +34,4 @@ pub mod server;
 pub mod session;
 pub mod stomp;
 pub mod tls;
+pub mod websocket;

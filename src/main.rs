@@ -56,8 +56,7 @@ impl<E: std::error::Error> From<E> for Fatal {
 /// something for an operator's log.
 const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
 
-#[tokio::main]
-async fn main() -> Result<(), Fatal> {
+fn main() -> Result<(), Fatal> {
     let cli = Cli::parse();
     if let Some(Command::HashPassword) = cli.command {
         let mut line = String::new();
@@ -80,6 +79,45 @@ async fn main() -> Result<(), Fatal> {
         )
         .init();
     let config = Config::load(cli.config.as_deref())?;
+    let open_files = raise_open_file_limit();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal(format!("cannot start the async runtime: {e}")))?;
+    tracing::info!(open_files, "open-file limit");
+    runtime.block_on(serve(config))
+}
+
+/// Every client is a socket: the soft open-file limit (often 1024) is
+/// raised to the hard one, as far as the system allows.
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur as u64
+}
+
+async fn serve(config: Config) -> Result<(), Fatal> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| Fatal(format!("cannot listen on {}: {e}", config.server.listen)))?;

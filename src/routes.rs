@@ -20,6 +20,7 @@ use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::session::{self, SessionContext};
 use crate::stomp::command::Version;
+use crate::websocket::{self, WebSocketConfig};
 
 /// What every route handler shares.
 pub struct State<B> {
@@ -49,7 +50,7 @@ pub fn routes<B: Broker>(
     };
     let ws = warp::path("ws")
         .and(warp::path::end())
-        .and(warp::ws())
+        .and(websocket::upgrade())
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
         .and(peer_addr())
@@ -144,12 +145,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn upgrade<B: Broker>(
-    ws: warp::ws::Ws,
+    ws: Result<websocket::Upgrade, Response>,
     query: HashMap<String, String>,
     headers: HeaderMap,
     peer: Option<SocketAddr>,
     state: Arc<State<B>>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(bad_request) => return bad_request,
+    };
     if state.shutdown.is_cancelled() {
         return reply::with_status("server shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
             .into_response();
@@ -175,9 +180,15 @@ fn upgrade<B: Broker>(
         }
     }
     let subprotocol = pick_subprotocol(&headers);
-    let max = state.config.server.max_message_bytes;
-    let ws = ws.max_message_size(max).max_frame_size(max);
-    let reply = match state.limits.acquire(peer.map(|p| p.ip())) {
+    // A client that offered no STOMP subprotocol (stomp.py) still gets
+    // STOMP; the version then comes from CONNECT's accept-version.
+    let named = subprotocol.map(Version::subprotocol);
+    let server = &state.config.server;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(server.read_buffer_bytes)
+        .max_message_size(Some(server.max_message_bytes))
+        .max_frame_size(Some(server.max_message_bytes));
+    match state.limits.acquire(peer.map(|p| p.ip())) {
         Ok(permit) => {
             let ctx = SessionContext {
                 config: state.config.clone(),
@@ -191,13 +202,12 @@ fn upgrade<B: Broker>(
                 upgrade_token: upgrade_token(&headers, query),
             };
             let sessions = state.sessions.clone();
-            ws.on_upgrade(move |socket| {
+            ws.reply(config, named, move |socket| {
                 sessions.track_future(async move {
                     session::run(socket, ctx).await;
                     drop(permit);
                 })
             })
-            .into_response()
         }
         // Upgraded all the same, so a STOMP client reads the ERROR that
         // names the limit instead of a bare failed handshake.
@@ -207,19 +217,12 @@ fn upgrade<B: Broker>(
                 limit = refusal.key(),
                 "WebSocket refused: connection limit"
             );
+            let websocket_config = config;
             let (config, metrics) = (state.config.clone(), state.metrics.clone());
-            ws.on_upgrade(move |socket| async move {
+            ws.reply(websocket_config, named, move |socket| async move {
                 session::refuse(socket, &config, metrics, refusal).await
             })
-            .into_response()
         }
-    };
-    match subprotocol {
-        Some(version) => reply::with_header(reply, "sec-websocket-protocol", version.subprotocol())
-            .into_response(),
-        // A client that offered no STOMP subprotocol (stomp.py) still gets
-        // STOMP; the version then comes from CONNECT's accept-version.
-        None => reply,
     }
 }
 

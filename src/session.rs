@@ -17,7 +17,6 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
-use warp::ws::{Message, WebSocket};
 
 use crate::admin::{self, Registration, SessionEntry};
 use crate::auth::{Auth, Grants};
@@ -28,6 +27,7 @@ use crate::limits::{PublishRate, Refusal};
 use crate::metrics::{command_label, Metrics};
 use crate::stomp::command::{self, AckMode, ClientCommand, CommandError, Connect, Version};
 use crate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
+use crate::websocket::{self, Message, WebSocket};
 
 /// After our close frame, how long the peer gets to answer it. Reading
 /// until then (instead of dropping the socket) keeps a TCP reset from
@@ -39,6 +39,17 @@ const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN: u16 = 1013;
+
+/// Frames written to a client are flushed together when the session has
+/// nothing else ready, or once this many bytes wait: one system call for a
+/// burst of MESSAGEs instead of one each.
+const FLUSH_BYTES: usize = 16 * 1024;
+
+/// Longest an auto-mode delivery's ack to RabbitMQ is held back to share
+/// one `multiple` ack with the next ones. Sessions of a fan-out get one
+/// delivery per published message, so acking at each pause would ack each
+/// delivery alone.
+const ACK_DELAY: Duration = Duration::from_millis(100);
 
 /// Header on the first MESSAGE of each subscription after the broker was
 /// lost and the session restored: messages published meanwhile may have
@@ -346,6 +357,8 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         transactions: HashMap::new(),
         unacked: HashMap::new(),
         awaiting_acks: HashMap::new(),
+        held_acks: None,
+        ack_batch: u64::from(ctx.config.amqp.prefetch / 2).max(1),
         next_message: 0,
         in_flight: VecDeque::new(),
         next_stamp: 0,
@@ -432,6 +445,8 @@ struct Connection {
     last_read: Instant,
     /// When the incomplete frame in the decoder began arriving.
     partial_since: Option<Instant>,
+    /// Bytes written since the last flush (still in the socket's buffer).
+    unflushed: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -456,6 +471,7 @@ impl Connection {
             last_write: Instant::now(),
             last_read: Instant::now(),
             partial_since: None,
+            unflushed: 0,
             metrics,
         }
     }
@@ -498,16 +514,14 @@ impl Connection {
                 if message.is_close() {
                     return Inbound::End(End::PeerGone);
                 }
-                if message.is_text() || message.is_binary() {
-                    self.decoder.feed(message.as_bytes());
+                if let Some(data) = websocket::data(&message) {
+                    self.decoder.feed(data);
                 }
                 Inbound::Bytes
             }
             Some(Err(e)) => {
                 debug!(error = %e, "websocket read failed");
-                // tungstenite's capacity error, seen through warp's opaque
-                // error type (tests/bad_input.rs pins the behaviour).
-                if e.to_string().contains("Message too long") {
+                if let websocket::Error::Capacity(_) = e {
                     self.refused("server.max_message_bytes");
                     let error = command::error(
                         "frame too large",
@@ -546,7 +560,9 @@ impl Connection {
             .inc();
     }
 
-    /// One frame, one WebSocket message: text when it is all UTF-8.
+    /// One frame, one WebSocket message: text when it is all UTF-8. It
+    /// goes out with the next [`Connection::flush`], or at once when much
+    /// is waiting.
     async fn write(&mut self, frame: &Frame) -> Result<(), End> {
         let command = command_label(&frame.command);
         self.metrics.frames_sent.with_label_values(&[command]).inc();
@@ -556,19 +572,43 @@ impl Connection {
             self.metrics.errors.with_label_values(&[reason]).inc();
         }
         let bytes = encode(frame, self.escapes);
+        let len = bytes.len();
         let message = match String::from_utf8(bytes) {
             Ok(text) => Message::text(text),
             Err(e) => Message::binary(e.into_bytes()),
         };
-        self.send(message).await
+        // `feed` waits only when the socket's buffer is full and the
+        // client is not reading: that is what the write timeout catches.
+        Self::timed(self.write_timeout, self.ws.feed(message)).await?;
+        self.last_write = Instant::now();
+        self.unflushed += len;
+        if self.unflushed >= FLUSH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
+    /// Sends what [`Connection::write`] buffered.
+    async fn flush(&mut self) -> Result<(), End> {
+        Self::timed(self.write_timeout, self.ws.flush()).await?;
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    /// One message now, with whatever was buffered before it.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        match timeout(self.write_timeout, self.ws.send(message)).await {
-            Ok(Ok(())) => {
-                self.last_write = Instant::now();
-                Ok(())
-            }
+        Self::timed(self.write_timeout, self.ws.send(message)).await?;
+        self.last_write = Instant::now();
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    async fn timed(
+        limit: Duration,
+        write: impl Future<Output = Result<(), websocket::Error>>,
+    ) -> Result<(), End> {
+        match timeout(limit, write).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "websocket write failed");
                 Err(End::PeerGone)
@@ -578,7 +618,7 @@ impl Connection {
     }
 
     async fn send_close(&mut self, code: u16) -> Result<(), End> {
-        self.send(Message::close_with(code, "")).await
+        self.send(websocket::close(code)).await
     }
 
     /// Sends ERROR for `error` and the close frame.
@@ -608,6 +648,13 @@ impl Connection {
         })
         .await;
     }
+}
+
+#[derive(Clone, Copy)]
+struct HeldAcks {
+    tag: u64,
+    count: u64,
+    since: Instant,
 }
 
 struct Session<B: Broker> {
@@ -644,6 +691,13 @@ struct Session<B: Broker> {
     /// Delivery tag → MESSAGEs of that delivery still waiting for an ACK;
     /// the delivery is acked to RabbitMQ when this reaches zero.
     awaiting_acks: HashMap<u64, usize>,
+    /// Deliveries settled without a client ACK (auto mode) whose ack to
+    /// RabbitMQ is held back, to go as one `multiple` ack: the highest
+    /// tag, how many, and since when. Held only while no delivery waits
+    /// for a client ACK, so a `multiple` ack never covers one.
+    held_acks: Option<HeldAcks>,
+    /// Most acks held back before they go anyway.
+    ack_batch: u64,
     next_message: u64,
     in_flight: VecDeque<InFlight<<B::Session as BrokerSession>::Confirm>>,
     /// Stamp for the next publish.
@@ -691,6 +745,7 @@ impl<B: Broker> Session<B> {
                 .filter(|f| f.message.is_some())
                 .map(|f| f.since + publish_timeout);
             let frame_deadline = self.conn.partial_since.map(|t| t + frame_timeout);
+            let release_acks = self.held_acks.map(|h| h.since + ACK_DELAY);
             let reading = self.disconnecting.is_none()
                 && self.throttled_until.is_none()
                 && self.in_flight.len() < max_unconfirmed;
@@ -772,6 +827,11 @@ impl<B: Broker> Session<B> {
                     ));
                     return self.fail(error.into(), receipt.as_deref()).await;
                 }
+                _ = sleep_until(release_acks.unwrap_or(far)), if release_acks.is_some() => {
+                    if let Err(end) = self.release_acks().await {
+                        return end;
+                    }
+                }
                 _ = sleep_until(heartbeat_due), if self.send_every.is_some() => {
                     self.metrics.frames_sent.with_label_values(&["HEARTBEAT"]).inc();
                     if let Err(end) = self.conn.send(Message::text("\n")).await {
@@ -786,6 +846,13 @@ impl<B: Broker> Session<B> {
                     let error = command::error("heart-beat timeout", &detail, None);
                     self.conn.finish(Some(error), CLOSE_NORMAL).await;
                     return End::HeartbeatTimeout;
+                }
+                // Last, so it runs only when nothing else is ready: the
+                // burst is over, send what it produced.
+                _ = std::future::ready(()), if self.conn.unflushed > 0 => {
+                    if let Err(end) = self.conn.flush().await {
+                        return end;
+                    }
                 }
             }
         }
@@ -826,6 +893,7 @@ impl<B: Broker> Session<B> {
         self.returned.clear();
         self.unacked.clear();
         self.awaiting_acks.clear();
+        self.held_acks = None;
         for subscription in &mut self.subscriptions {
             subscription.unacked.clear();
             subscription.gap = true;
@@ -1232,10 +1300,38 @@ impl<B: Broker> Session<B> {
         }
         // Auto mode (or a message for a subscription that has just gone):
         // written to the socket, so done.
+        if self.awaiting_acks.is_empty() {
+            let held = self.held_acks.get_or_insert(HeldAcks {
+                tag: delivery.tag,
+                count: 0,
+                since: Instant::now(),
+            });
+            held.tag = delivery.tag;
+            held.count += 1;
+            if held.count >= self.ack_batch {
+                self.release_acks().await?;
+            }
+            return Ok(());
+        }
+        // Deliveries wait for client ACKs: a `multiple` ack would cover
+        // them, so this one goes alone.
+        self.release_acks().await?;
+        self.ack_broker(delivery.tag, false, 1).await
+    }
+
+    /// Sends the acks held back by [`Session::deliver`] as one.
+    async fn release_acks(&mut self) -> Result<(), End> {
+        match self.held_acks.take() {
+            Some(held) => self.ack_broker(held.tag, true, held.count).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn ack_broker(&mut self, tag: u64, multiple: bool, count: u64) -> Result<(), End> {
         if let Some(broker) = self.broker.as_mut() {
-            let result = broker.ack(delivery.tag).await;
+            let result = broker.ack(tag, multiple).await;
             match self.check(result).await {
-                Ok(Some(())) => self.metrics.deliveries_acked.inc(),
+                Ok(Some(())) => self.metrics.deliveries_acked.inc_by(count),
                 Ok(None) => {}
                 Err(e) => return Err(self.fail(e, None).await),
             }
@@ -1300,7 +1396,7 @@ impl<B: Broker> Session<B> {
             }
             self.awaiting_acks.remove(&tag);
             if let Some(broker) = self.broker.as_mut() {
-                let result = broker.ack(tag).await;
+                let result = broker.ack(tag, false).await;
                 if self.check(result).await?.is_some() {
                     self.metrics.deliveries_acked.inc();
                 }
@@ -1467,6 +1563,9 @@ impl<B: Broker> Session<B> {
         // Publishes already sent reach RabbitMQ before the channel closes;
         // waiting here keeps their confirms from being cut off.
         let _ = self.drain(false).await;
+        // The queue goes with the session, but RabbitMQ (and the acked
+        // count in /metrics) should know these deliveries were handed over.
+        let _ = self.release_acks().await;
         if let Some(broker) = self.broker.take() {
             broker.close().await;
         }

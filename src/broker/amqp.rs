@@ -4,7 +4,11 @@
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
 //! bounded length), consumed with manual acks and a prefetch, publisher
 //! confirms on. One pool per broker URL: when one broker cannot give a
-//! connection, the next is tried.
+//! connection, the next is tried. Connections taken from the pools are
+//! shared: a session opens its channel on the least loaded one, and a new
+//! connection is taken once each carries `amqp.sessions_per_connection`
+//! channels, so the pool grows with the sessions and no connection nears
+//! RabbitMQ's `channel_max` (2047).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -54,6 +58,10 @@ pub struct AmqpBroker {
     pools: Arc<[Pool]>,
     /// The pool that gave the last good connection: tried first.
     current: Arc<AtomicUsize>,
+    /// Connections taken from the pools, shared by sessions.
+    held: Arc<tokio::sync::Mutex<Vec<Held>>>,
+    sessions_per_connection: usize,
+    pool_size: usize,
     health: Arc<Health>,
     node_id: String,
     prefetch: u16,
@@ -61,6 +69,19 @@ pub struct AmqpBroker {
     queue_overflow: Overflow,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
+}
+
+/// A pooled connection and its load: every session on it holds a clone
+/// of `load`, so the strong count less one is its number of channels.
+struct Held {
+    connection: Arc<deadpool_lapin::Object>,
+    load: Arc<()>,
+}
+
+impl Held {
+    fn sessions(&self) -> usize {
+        Arc::strong_count(&self.load) - 1
+    }
 }
 
 /// Whether the broker answered lately, and whether a connection was lost
@@ -89,6 +110,9 @@ impl AmqpBroker {
         Ok(AmqpBroker {
             pools: pools.into(),
             current: Arc::new(AtomicUsize::new(0)),
+            held: Arc::new(tokio::sync::Mutex::new(Vec::new())),
+            sessions_per_connection: config.sessions_per_connection,
+            pool_size: config.pool_size,
             health,
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
@@ -147,6 +171,35 @@ impl AmqpBroker {
         self.metrics.broker_up.set(i64::from(up));
     }
 
+    /// A connection for one more session: the least loaded live one held,
+    /// or a new one from the pools when each carries
+    /// `amqp.sessions_per_connection` already (or none is live). Returns
+    /// the session's share of its load.
+    async fn share(&self) -> Result<(Arc<deadpool_lapin::Object>, Arc<()>), BrokerError> {
+        let mut held = self.held.lock().await;
+        // A lost connection goes back to its pool, which discards it.
+        held.retain(|h| h.connection.status().connected());
+        let least = held.iter().min_by_key(|h| h.sessions());
+        let full = least.is_none_or(|h| h.sessions() >= self.sessions_per_connection);
+        if full && held.len() < self.pool_size * self.pools.len() {
+            match self.connection().await {
+                Ok(connection) => held.push(Held {
+                    connection: Arc::new(connection),
+                    load: Arc::new(()),
+                }),
+                // Past what the pools can give, sessions share what there is.
+                Err(e) if held.is_empty() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        let h = held
+            .iter()
+            .min_by_key(|h| h.sessions())
+            .ok_or_else(|| BrokerError::Unavailable("no broker connection".into()))?;
+        self.set_up(true);
+        Ok((h.connection.clone(), h.load.clone()))
+    }
+
     /// A live pooled connection, from the broker that gave the last one or
     /// else the next in turn; whether one could be had sets `broker_up`.
     async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
@@ -175,11 +228,8 @@ impl Broker for AmqpBroker {
     async fn open(&self, session_id: &str) -> Result<AmqpSession, BrokerError> {
         let queue = format!("stompgate.{}.{session_id}", self.node_id);
         let opening = async {
-            let connection = self.connection().await?;
+            let (connection, load) = self.share().await?;
             let channel = connection.create_channel().await.map_err(classify)?;
-            // The channel lives on after the pool object goes back: the
-            // pool hands the same connection to many sessions.
-            drop(connection);
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
                 .await
@@ -217,20 +267,25 @@ impl Broker for AmqpBroker {
                 )
                 .await
                 .map_err(classify)?;
-            Ok::<_, BrokerError>((channel, consumer))
+            Ok::<_, BrokerError>((channel, consumer, load))
         };
-        let (channel, consumer) = tokio::time::timeout(self.connect_timeout * 2, opening)
+        let (channel, consumer, load) = tokio::time::timeout(self.connect_timeout * 2, opening)
             .await
             .map_err(|_| BrokerError::Unavailable("timed out opening the session".into()))??;
         Ok(AmqpSession {
             channel,
             consumer,
             queue,
+            _load: load,
         })
     }
 
     async fn ready(&self) -> bool {
-        self.connection().await.is_ok()
+        let live = {
+            let held = self.held.lock().await;
+            held.iter().any(|h| h.connection.status().connected())
+        };
+        live || self.share().await.is_ok()
     }
 
     fn is_up(&self) -> bool {
@@ -242,6 +297,8 @@ pub struct AmqpSession {
     channel: Channel,
     consumer: Consumer,
     queue: String,
+    /// Counts this session on its connection until dropped.
+    _load: Arc<()>,
 }
 
 /// A publisher confirm turned into the port's terms, without boxing.
@@ -328,9 +385,9 @@ impl BrokerSession for AmqpSession {
         }))
     }
 
-    async fn ack(&mut self, tag: u64) -> Result<(), BrokerError> {
+    async fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
         self.channel
-            .basic_ack(tag, BasicAckOptions::default())
+            .basic_ack(tag, BasicAckOptions { multiple })
             .await
             .map_err(classify)
     }

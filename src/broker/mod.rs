@@ -116,7 +116,13 @@ pub trait BrokerSession: Send + 'static {
         &mut self,
     ) -> impl Future<Output = Option<Result<Delivery, BrokerError>>> + Send;
 
-    fn ack(&mut self, tag: u64) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// Acknowledges delivery `tag`, or with `multiple` every delivery up
+    /// to and including it (one frame for a batch).
+    fn ack(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     fn nack(
         &mut self,
