@@ -31,10 +31,17 @@ pub struct Conns {
     /// Connections being opened at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Stop opening connections after this many have failed (a server
+    /// out of file descriptors makes each further attempt wait for its
+    /// timeout).
+    #[arg(long, default_value_t = 100)]
+    pub max_failures: u64,
     /// Channels the subscriptions are spread over.
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
-    /// Idle time after the last connection before memory is read.
+    /// Idle time before the baseline memory is read (the servers settle
+    /// after earlier runs) and after the last connection before it is
+    /// read again.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub settle: Duration,
     /// How long every connection has to receive the check message.
@@ -55,6 +62,7 @@ pub async fn run(
             .map(|c| format!("bench.{run}.idle{c}"))
             .collect(),
     );
+    tokio::time::sleep(args.settle).await;
     let before = procs::sample(&watched)?;
     let connected = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -66,11 +74,16 @@ pub async fn run(
         .then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / args.connect_rate as f64)));
     let started = Instant::now();
     let mut clients = JoinSet::new();
+    let mut attempted = 0;
     for i in 0..args.connections {
+        if failed.load(Ordering::Relaxed) >= args.max_failures {
+            break;
+        }
         if let Some(pacer) = pacer.as_mut() {
             pacer.tick().await;
         }
         let turn = opening.clone().acquire_owned().await?;
+        attempted += 1;
         let destination = format!("{prefix}{}", keys[i % keys.len()]);
         let endpoint = endpoint.clone();
         let (connected, failed, received) = (connected.clone(), failed.clone(), received.clone());
@@ -140,6 +153,7 @@ pub async fn run(
     let connect_cpu = procs::total_cpu(&before, &after_connect);
     Ok(json!({
         "connections": args.connections,
+        "attempted": attempted,
         "connected": ok,
         "failed": failed.load(Ordering::Relaxed),
         "first_error": first_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
