@@ -114,7 +114,7 @@ fn raise_open_file_limit() -> u64 {
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 async fn serve(config: Config) -> Result<(), Fatal> {

@@ -145,7 +145,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn upgrade<B: Broker>(
-    ws: Result<websocket::Upgrade, Response>,
+    ws: Result<websocket::Upgrade, &'static str>,
     query: HashMap<String, String>,
     headers: HeaderMap,
     peer: Option<SocketAddr>,
@@ -153,7 +153,7 @@ fn upgrade<B: Broker>(
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
-        Err(bad_request) => return bad_request,
+        Err(why) => return reply::with_status(why, StatusCode::BAD_REQUEST).into_response(),
     };
     if state.shutdown.is_cancelled() {
         return reply::with_status("server shutting down\n", StatusCode::SERVICE_UNAVAILABLE)

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use warp::http::{HeaderMap, StatusCode};
-use warp::reply::{self, Reply, Response};
+use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,17 +27,16 @@ pub struct Upgrade {
     on_upgrade: OnUpgrade,
 }
 
-/// Matches `GET` requests; those that are not a valid WebSocket upgrade
-/// are answered 400 with the reason (`Err`), as this path serves nothing
-/// else.
-pub fn upgrade() -> impl Filter<Extract = (Result<Upgrade, Response>,), Error = Rejection> + Clone {
+/// Matches `GET` requests; for those that are not a valid WebSocket
+/// upgrade, `Err` says why (to be answered 400: this path serves nothing
+/// else).
+pub fn upgrade(
+) -> impl Filter<Extract = (Result<Upgrade, &'static str>,), Error = Rejection> + Clone {
     warp::get()
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .map(|headers: HeaderMap, on_upgrade: Option<OnUpgrade>| {
-            let bad = |why: &'static str| {
-                Err(reply::with_status(why, StatusCode::BAD_REQUEST).into_response())
-            };
+            let bad = Err;
             let has = |name: &str, token: &str| {
                 headers
                     .get_all(name)
