@@ -150,17 +150,9 @@ async fn publisher(p: usize, url: &str, shared: &Arc<Shared>) -> anyhow::Result<
     let mut pacer = shared.pacer();
     let mut seq = 0u64;
     loop {
-        if let Some(pacer) = pacer.as_mut() {
-            tokio::select! {
-                _ = pacer.tick() => {}
-                _ = shared.stop.cancelled() => break,
-            }
+        if !shared.next_turn(&mut pacer, &permits).await? {
+            break;
         }
-        let permit = tokio::select! {
-            permit = permits.acquire() => permit?,
-            _ = shared.stop.cancelled() => break,
-        };
-        permit.forget();
         let key = &shared.keys[shared.channel_of(p, seq)];
         let confirm = channel
             .basic_publish(

@@ -187,6 +187,27 @@ impl Shared {
         interval.set_missed_tick_behavior(MissedTickBehavior::Burst);
         Some(interval)
     }
+
+    /// Waits for a publisher's next turn: its pace (if any), then a free
+    /// slot in its window of unconfirmed messages. False once publishing
+    /// stops.
+    pub async fn next_turn(
+        &self,
+        pacer: &mut Option<tokio::time::Interval>,
+        permits: &Semaphore,
+    ) -> anyhow::Result<bool> {
+        if let Some(pacer) = pacer.as_mut() {
+            tokio::select! {
+                _ = pacer.tick() => {}
+                _ = self.stop.cancelled() => return Ok(false),
+            }
+        }
+        tokio::select! {
+            permit = permits.acquire() => permit?.forget(),
+            _ = self.stop.cancelled() => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 /// One subscriber's view: which (publisher, seq) it got, in what order,
@@ -495,17 +516,9 @@ async fn stomp_publisher(
     let mut pacer = shared.pacer();
     let mut seq = 0u64;
     loop {
-        if let Some(pacer) = pacer.as_mut() {
-            tokio::select! {
-                _ = pacer.tick() => {}
-                _ = shared.stop.cancelled() => break,
-            }
+        if !shared.next_turn(&mut pacer, &permits).await? {
+            break;
         }
-        let permit = tokio::select! {
-            permit = permits.acquire() => permit?,
-            _ = shared.stop.cancelled() => break,
-        };
-        permit.forget();
         let receipt = seq.to_string();
         let destination = &destinations[shared.channel_of(p, seq)];
         let headers = [
