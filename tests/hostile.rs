@@ -197,6 +197,8 @@ async fn connection_limits_and_a_connection_loop() {
     for client in held {
         client.disconnect().await;
     }
+    // Their slots are free once their sessions have cleaned up.
+    common::settle(&gw, "stompgate_connections_open", 0.0).await;
 
     // A loop of 300 connect/close; the gateway serves others throughout.
     for _ in 0..300 {

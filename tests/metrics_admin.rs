@@ -5,29 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use common::{body_text, scrape, unique, Client, Gateway, WAIT};
+use common::{body_text, scrape, settle, unique, Client, Gateway};
 use stompgate::stomp::frame::Frame;
 
 fn value(metrics: &HashMap<String, f64>, name: &str) -> f64 {
     metrics.get(name).copied().unwrap_or(0.0)
-}
-
-/// Polls /metrics until `name` reads `want` (gauges settle as sessions end).
-async fn settle(gw: &Gateway, name: &str, want: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let got = value(&scrape(gw).await, name);
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {got}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

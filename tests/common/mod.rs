@@ -419,6 +419,24 @@ pub async fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// Polls /metrics until `name` reads `want` (gauges settle as sessions
+/// end: a session's connection slot is free once it is off
+/// `stompgate_connections_open`).
+pub async fn settle(gw: &Gateway, name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = scrape(gw).await.get(name).copied().unwrap_or(0.0);
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `stompgate_refusals_total` for one limit (0 when never counted).
 pub async fn refusals(gw: &Gateway, limit: &str) -> f64 {
     let name = format!("stompgate_refusals_total{{limit=\"{limit}\"}}");
