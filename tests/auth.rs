@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::sync::OnceLock;
 
+use bytes::Bytes;
 use common::{body_text, refusals, stompgate_command, unique, Client, Gateway};
 use stompgate::auth::{hash_password, AuthMode, UserConfig};
 use stompgate::config::Config;
@@ -275,9 +276,25 @@ mod jwt {
         client.handshake(connect_frame(None, Some(&token))).await;
         client.subscribe("s", &format!("/topic/{root}.no01")).await;
         client
-            .send_confirmed(&format!("/topic/{root}.no01"), "hi")
+            .send_frame(
+                &Frame::new("SEND")
+                    .header("destination", format!("/topic/{root}.no01"))
+                    .header("receipt", "sent")
+                    .body(Bytes::from_static(b"hi")),
+            )
             .await;
-        assert_eq!(body_text(&client.recv_message().await), "hi");
+        // The client reads its own channel: STOMP does not order its
+        // MESSAGE against the SEND's RECEIPT.
+        let mut got = [client.recv().await, client.recv().await]
+            .map(|f| (f.command.clone(), body_text(&f).to_owned()));
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("MESSAGE".to_owned(), "hi".to_owned()),
+                ("RECEIPT".to_owned(), String::new())
+            ]
+        );
         client
             .send(&format!("/topic/{root}.no02"), "not granted")
             .await;
