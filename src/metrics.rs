@@ -31,6 +31,9 @@ pub struct Metrics {
     pub deliveries_acked: IntCounter,
     /// Deliveries returned to their queue by a client's NACK.
     pub deliveries_requeued: IntCounter,
+    /// Sessions moved from unacknowledged consumption to acks and a
+    /// prefetch, by why: `client_ack`, `backlog` or `slow_socket`.
+    pub acked_consumption: IntCounterVec,
     pub errors: IntCounterVec,
     /// Refusals by the config key of the limit or rule that refused.
     pub refusals: IntCounterVec,
@@ -155,6 +158,12 @@ impl Metrics {
                 r,
                 "deliveries_requeued_total",
                 "Deliveries returned to the queue by NACK",
+            )?,
+            acked_consumption: counter_vec(
+                r,
+                "acked_consumption_total",
+                "Sessions moved from unacknowledged consumption to acks and a prefetch, by reason",
+                "reason",
             )?,
             errors: counter_vec(r, "errors_total", "ERROR frames sent, by reason", "reason")?,
             refusals: counter_vec(

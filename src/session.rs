@@ -304,7 +304,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
             return;
         }
     };
-    let broker = match ctx.broker.open(&id).await {
+    let broker = match ctx.broker.open(&id, false).await {
         Ok(broker) => broker,
         Err(error) => {
             warn!(%error, "could not open the session's queue");
@@ -349,6 +349,8 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         }),
         factory: ctx.broker.clone(),
         broker: Some(broker),
+        acks: false,
+        ended: None,
         reconnect_at: Instant::now(),
         reconnect_failures: 0,
         conn,
@@ -583,9 +585,41 @@ impl Connection {
         self.last_write = Instant::now();
         self.unflushed += len;
         if self.unflushed >= FLUSH_BYTES {
-            self.flush().await?;
+            // Not waiting here: a session on the fast path first moves to
+            // acked consumption when the client is not reading
+            // (`backed_up`); the rest is flushed when the session is idle.
+            self.try_flush().await?;
         }
         Ok(())
+    }
+
+    /// Flushes if the socket takes it all now; false if it would wait.
+    async fn try_flush(&mut self) -> Result<bool, End> {
+        let ws = &mut self.ws;
+        match std::future::poll_fn(|cx| Poll::Ready(ws.poll_flush_unpin(cx))).await {
+            Poll::Ready(Ok(())) => {
+                self.unflushed = 0;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => {
+                debug!(error = %e, "websocket write failed");
+                Err(End::PeerGone)
+            }
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Whether the next write or flush would wait: the client is not
+    /// reading as fast as frames come.
+    async fn backed_up(&mut self) -> Result<bool, End> {
+        let ws = &mut self.ws;
+        if std::future::poll_fn(|cx| Poll::Ready(ws.poll_ready_unpin(cx).is_pending())).await {
+            return Ok(true);
+        }
+        if self.unflushed >= FLUSH_BYTES {
+            return Ok(!self.try_flush().await?);
+        }
+        Ok(false)
     }
 
     /// Sends what [`Connection::write`] buffered.
@@ -674,6 +708,12 @@ struct Session<B: Broker> {
     factory: B,
     /// The session's queue and channel; None while reconnecting.
     broker: Option<B::Session>,
+    /// Consumes with acks (see [`Session::require_acks`]): once set, for
+    /// the rest of the session, across broker reconnects.
+    acks: bool,
+    /// How the session ended while a command was being handled, when that
+    /// ending was not an ERROR for the command (the client went away).
+    ended: Option<End>,
     /// While reconnecting: when to try next, and how many tries failed.
     reconnect_at: Instant,
     reconnect_failures: u32,
@@ -775,10 +815,17 @@ impl<B: Broker> Session<B> {
                 }
                 delivery = next_delivery(&mut self.broker) => {
                     let error = match delivery {
-                        Some(Ok(delivery)) => match self.deliver(delivery).await {
-                            Ok(()) => continue,
-                            Err(end) => return end,
-                        },
+                        Some(Ok(delivery)) => {
+                            let delivered = match self.slowing().await {
+                                Ok(Some(reason)) => self.require_acks(reason, Some(delivery)).await,
+                                Ok(None) => self.deliver(delivery).await,
+                                Err(end) => Err(end),
+                            };
+                            match delivered {
+                                Ok(()) => continue,
+                                Err(end) => return end,
+                            }
+                        }
                         Some(Err(e)) => e,
                         None => BrokerError::Unavailable(
                             "the broker cancelled the session's consumer".into(),
@@ -833,6 +880,9 @@ impl<B: Broker> Session<B> {
                     }
                 }
                 _ = sleep_until(heartbeat_due), if self.send_every.is_some() => {
+                    if let Err(end) = self.keep_up().await {
+                        return end;
+                    }
                     self.metrics.frames_sent.with_label_values(&["HEARTBEAT"]).inc();
                     if let Err(end) = self.conn.send(Message::text("\n")).await {
                         return end;
@@ -850,6 +900,9 @@ impl<B: Broker> Session<B> {
                 // Last, so it runs only when nothing else is ready: the
                 // burst is over, send what it produced.
                 _ = std::future::ready(()), if self.conn.unflushed > 0 => {
+                    if let Err(end) = self.keep_up().await {
+                        return end;
+                    }
                     if let Err(end) = self.conn.flush().await {
                         return end;
                     }
@@ -905,7 +958,7 @@ impl<B: Broker> Session<B> {
     /// One attempt to restore the session on the broker: the same queue,
     /// its bindings, its consumer, then the unconfirmed SENDs in order.
     async fn reconnect(&mut self) -> Result<(), SessionError> {
-        let mut broker = match self.factory.open(&self.id).await {
+        let mut broker = match self.factory.open(&self.id, self.acks).await {
             Ok(broker) => broker,
             Err(BrokerError::Unavailable(why)) => {
                 self.reconnect_failures = self.reconnect_failures.saturating_add(1);
@@ -965,6 +1018,9 @@ impl<B: Broker> Session<B> {
     /// Handles every complete frame the decoder holds.
     async fn process_buffered(&mut self) -> Option<End> {
         while self.disconnecting.is_none() && self.throttled_until.is_none() {
+            if let Some(end) = self.ended.take() {
+                return Some(end);
+            }
             let frame = match self.conn.decoder.next_frame() {
                 Ok(Some(frame)) => {
                     self.conn.count_received(&frame);
@@ -988,7 +1044,7 @@ impl<B: Broker> Session<B> {
                 return Some(self.fail(e, receipt.as_deref()).await);
             }
         }
-        None
+        self.ended.take()
     }
 
     async fn handle(
@@ -1188,6 +1244,14 @@ impl<B: Broker> Session<B> {
         if !self.grants.may_subscribe(&destination.route) {
             return Err(denied_by_grants(Use::Subscribe, destination_name));
         }
+        if ack.needs_ack() {
+            // What came without acks was meant for the subscriptions
+            // made before this one, and goes to them first.
+            if let Err(end) = self.require_acks("client_ack", None).await {
+                self.ended = Some(end);
+                return Ok(());
+            }
+        }
         let users = self.bindings.get(&destination.route).copied().unwrap_or(0);
         // While reconnecting, the binding is made when the queue is back.
         if let (0, Some(broker)) = (users, self.broker.as_mut()) {
@@ -1273,7 +1337,7 @@ impl<B: Broker> Session<B> {
                         subscription.destination.prefix, delivery.routing_key
                     ),
                 );
-            if subscription.ack.needs_ack() {
+            if subscription.ack.needs_ack() && !delivery.settled {
                 frame = frame.header("ack", number.to_string());
                 subscription.unacked.push_back(number);
                 self.unacked
@@ -1293,6 +1357,9 @@ impl<B: Broker> Session<B> {
             self.conn.write(&frame).await?;
             self.metrics.messages_delivered.inc();
             self.entry.messages_out.fetch_add(1, Ordering::Relaxed);
+        }
+        if delivery.settled {
+            return Ok(());
         }
         if awaiting > 0 {
             self.awaiting_acks.insert(delivery.tag, awaiting);
@@ -1317,6 +1384,60 @@ impl<B: Broker> Session<B> {
         // them, so this one goes alone.
         self.release_acks().await?;
         self.ack_broker(delivery.tag, false, 1).await
+    }
+
+    /// Why a session on the fast path must move to acked consumption now,
+    /// if it must: it fell a prefetch behind, or a write would wait for
+    /// the client. Either way deliveries would pile up in the gateway,
+    /// where nothing bounds them; with acks RabbitMQ holds them.
+    async fn slowing(&mut self) -> Result<Option<&'static str>, End> {
+        let Some(broker) = self.broker.as_ref().filter(|b| !b.acks()) else {
+            return Ok(None);
+        };
+        if broker.behind() {
+            return Ok(Some("backlog"));
+        }
+        Ok(self.conn.backed_up().await?.then_some("slow_socket"))
+    }
+
+    /// Before a write that may wait for the client: see [`Session::slowing`].
+    async fn keep_up(&mut self) -> Result<(), End> {
+        match self.slowing().await? {
+            Some(reason) => self.require_acks(reason, None).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Moves the session from the fast path (deliveries without acks) to
+    /// acked consumption with a prefetch, for good, then delivers `first`
+    /// and what had come without acks, in order.
+    async fn require_acks(
+        &mut self,
+        reason: &'static str,
+        first: Option<Delivery>,
+    ) -> Result<(), End> {
+        self.acks = true;
+        let mut early = Vec::new();
+        if let Some(broker) = self.broker.as_mut().filter(|b| !b.acks()) {
+            self.metrics
+                .acked_consumption
+                .with_label_values(&[reason])
+                .inc();
+            let result = broker.require_acks().await;
+            match self.check(result).await {
+                Ok(taken) => early = taken.unwrap_or_default(),
+                Err(e) => return Err(self.fail(e, None).await),
+            }
+            debug!(
+                reason,
+                early = early.len(),
+                "consuming with acks from now on"
+            );
+        }
+        for delivery in first.into_iter().chain(early) {
+            self.deliver(delivery).await?;
+        }
+        Ok(())
     }
 
     /// Sends the acks held back by [`Session::deliver`] as one.
@@ -1508,6 +1629,7 @@ impl<B: Broker> Session<B> {
             let routed = confirmed == Confirmed::Routed;
             frame = frame.header("routed", routed.to_string());
         }
+        self.keep_up().await?;
         self.conn.write(&frame).await
     }
 

@@ -1,37 +1,244 @@
-//! What the performance work must not change: acks to RabbitMQ gathered
-//! into `multiple` acks still settle every auto-mode delivery (also when
-//! traffic stops) and never one that waits for a client ACK; sessions
-//! spread over more AMQP connections as they grow; the gateway's own
-//! WebSocket upgrade refuses what is not one.
+//! What the performance work must not change: sessions that keep up take
+//! deliveries without acks, and one that needs acks (a client-ack
+//! subscription, or a client that stops reading) moves to acks with
+//! nothing lost or reordered, leaving the backlog in RabbitMQ; acks to
+//! RabbitMQ gathered into `multiple` acks still settle every auto-mode
+//! delivery (also when traffic stops) and never one that waits for a
+//! client ACK; sessions spread over more AMQP connections as they grow;
+//! the gateway's own WebSocket upgrade refuses what is not one.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{scrape, unique, Client, Gateway, Management};
+use common::{amqp_channel, body_text, scrape, unique, Client, Gateway, Management, WAIT};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
 use stompgate::stomp::frame::Frame;
 
-/// Unacknowledged messages of `queue` as RabbitMQ counts them now
-/// (`rabbitmqctl`, not the management API's statistics, which lag).
-async fn unacked(queue: &str) -> u64 {
+/// `rabbitmqctl -q <args> --no-table-headers`: RabbitMQ's own view now
+/// (the management API's statistics lag by seconds).
+async fn rabbitmqctl(args: &[&str]) -> String {
     let output = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "--no-table-headers",
-            "name",
-            "messages_unacknowledged",
-        ])
+        .arg("-q")
+        .args(args)
+        .arg("--no-table-headers")
         .output()
         .await
         .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (scripts/test needs it): {e}"));
-    assert!(output.status.success(), "rabbitmqctl list_queues failed");
-    String::from_utf8_lossy(&output.stdout)
+    assert!(output.status.success(), "rabbitmqctl {args:?} failed");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// One column of `queue`'s line in `rabbitmqctl list_queues`.
+async fn queue_count(queue: &str, column: &str) -> u64 {
+    rabbitmqctl(&["list_queues", "name", column])
+        .await
         .lines()
         .filter_map(|line| line.split_once('\t'))
         .find(|(name, _)| *name == queue)
         .map(|(_, n)| n.trim().parse().expect("a count"))
         .unwrap_or_else(|| panic!("queue {queue} not listed"))
+}
+
+/// Whether each consumer of `queue` takes deliveries with acks.
+async fn consumers_ack_required(queue: &str) -> Vec<bool> {
+    rabbitmqctl(&["list_consumers", "queue_name", "ack_required"])
+        .await
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| *name == queue)
+        .map(|(_, ack)| ack.trim() == "true")
+        .collect()
+}
+
+/// Sessions moved to acked consumption, for any reason.
+async fn moved_to_acks(gw: &Gateway) -> f64 {
+    scrape(gw)
+        .await
+        .iter()
+        .filter(|(name, _)| name.starts_with("stompgate_acked_consumption_total"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// Publishes `bodies` to `amq.topic` over AMQP and waits for every confirm.
+async fn publish_all(channel: &lapin::Channel, key: &str, bodies: impl Iterator<Item = Vec<u8>>) {
+    let mut confirms = Vec::new();
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                "amq.topic".into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        assert!(confirm.await.expect("confirm").is_ack(), "broker nacked");
+    }
+}
+
+/// A body that starts with its number, padded to `size` bytes.
+fn numbered(n: usize, size: usize) -> Vec<u8> {
+    let mut body = format!("{n} ").into_bytes();
+    body.resize(size.max(body.len()), b'.');
+    body
+}
+
+fn number_of(message: &Frame) -> usize {
+    let text = body_text(message);
+    text.split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a numbered body")
+}
+
+async fn confirming_channel() -> (lapin::Connection, lapin::Channel) {
+    let (connection, channel) = amqp_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    (connection, channel)
+}
+
+#[tokio::test]
+async fn sessions_that_keep_up_take_deliveries_without_acks() {
+    let gw = Gateway::start().await;
+    let key = unique("fast");
+    let (mut reader, session) = Client::connect(&gw).await;
+    reader.subscribe("s", &format!("/topic/{key}")).await;
+    let queue = gw.queue_of(&session);
+    assert_eq!(consumers_ack_required(&queue).await, vec![false]);
+    let (_connection, channel) = confirming_channel().await;
+    publish_all(&channel, &key, (0..50).map(|n| numbered(n, 10))).await;
+    for n in 0..50 {
+        assert_eq!(number_of(&reader.recv_message().await), n);
+    }
+    let metrics = scrape(&gw).await;
+    assert_eq!(metrics["stompgate_deliveries_acked_total"], 0.0);
+    assert_eq!(moved_to_acks(&gw).await, 0.0);
+    reader.disconnect().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_ack_subscription_moves_the_session_to_acks_losing_nothing() {
+    let gw = Gateway::start().await;
+    let key = unique("switch");
+    let (mut reader, session) = Client::connect(&gw).await;
+    reader.subscribe("a", &format!("/topic/{key}.a")).await;
+    let (_connection, channel) = confirming_channel().await;
+    const TOTAL: usize = 3000;
+    let publisher = {
+        let (channel, key) = (channel.clone(), format!("{key}.a"));
+        tokio::spawn(async move {
+            publish_all(&channel, &key, (0..TOTAL).map(|n| numbered(n, 10))).await;
+        })
+    };
+    for n in 0..100 {
+        assert_eq!(number_of(&reader.recv_message().await), n);
+    }
+    // Messages keep coming while the consumer is replaced.
+    reader
+        .send_frame(
+            &Frame::new("SUBSCRIBE")
+                .header("id", "c")
+                .header("destination", format!("/topic/{key}.c"))
+                .header("ack", "client-individual")
+                .header("receipt", "sub-c"),
+        )
+        .await;
+    let (mut next, mut receipt) = (100, false);
+    while next < TOTAL || !receipt {
+        let frame = reader.recv().await;
+        match frame.command.as_str() {
+            "RECEIPT" => receipt = true,
+            "MESSAGE" => {
+                assert_eq!(frame.get("subscription"), Some("a"));
+                assert_eq!(number_of(&frame), next, "lost, repeated or out of order");
+                next += 1;
+            }
+            _ => panic!("unexpected {frame:?}"),
+        }
+    }
+    publisher.await.unwrap();
+    let queue = gw.queue_of(&session);
+    assert_eq!(consumers_ack_required(&queue).await, vec![true]);
+    let metrics = scrape(&gw).await;
+    assert_eq!(
+        metrics[r#"stompgate_acked_consumption_total{reason="client_ack"}"#],
+        1.0
+    );
+    // The client-ack subscription works as ever.
+    publish_all(
+        &channel,
+        &format!("{key}.c"),
+        std::iter::once(b"c1".to_vec()),
+    )
+    .await;
+    let c1 = reader.recv_message().await;
+    assert_eq!(body_text(&c1), "c1");
+    let ack = c1.get("ack").expect("an ack header").to_owned();
+    reader
+        .send_frame(&Frame::new("ACK").header("id", ack.as_str()))
+        .await;
+    reader.disconnect().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_leaves_the_backlog_in_rabbitmq() {
+    let gw = Gateway::start().await;
+    let key = unique("stalled");
+    let (mut reader, session) = Client::connect(&gw).await;
+    reader.subscribe("s", &format!("/topic/{key}")).await;
+    let queue = gw.queue_of(&session);
+    let (_connection, channel) = confirming_channel().await;
+    // The reader reads nothing: once the socket's buffers are full the
+    // session must stop taking deliveries without acks.
+    const SIZE: usize = 16 * 1024;
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let mut sent = 0;
+    while moved_to_acks(&gw).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sent} messages of {SIZE} bytes unread, and the session still takes them without acks"
+        );
+        publish_all(
+            &channel,
+            &key,
+            (sent..sent + 100).map(|n| numbered(n, SIZE)),
+        )
+        .await;
+        sent += 100;
+    }
+    // From now on the gateway holds at most a prefetch: RabbitMQ the rest.
+    let more = usize::from(gw.config.amqp.prefetch) + 500;
+    publish_all(
+        &channel,
+        &key,
+        (sent..sent + more).map(|n| numbered(n, SIZE)),
+    )
+    .await;
+    sent += more;
+    assert!(
+        queue_count(&queue, "messages_ready").await > 0,
+        "RabbitMQ holds none of what the stalled client has not read"
+    );
+    assert_eq!(consumers_ack_required(&queue).await, vec![true]);
+    for n in 0..sent {
+        let message = reader.recv_message().await;
+        assert_eq!(number_of(&message), n, "lost, repeated or out of order");
+    }
+    reader.disconnect().await;
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -40,6 +247,10 @@ async fn held_acks_go_out_when_traffic_stops() {
     let key = unique("held");
     let destination = format!("/topic/{key}");
     let (mut reader, session) = Client::connect(&gw).await;
+    // A client-ack subscription puts the session on acked consumption.
+    reader
+        .subscribe_with("c", &format!("/topic/{key}.c"), "client")
+        .await;
     reader.subscribe("s", &destination).await;
     let (mut writer, _) = Client::connect(&gw).await;
     for i in 0..20 {
@@ -52,7 +263,7 @@ async fn held_acks_go_out_when_traffic_stops() {
     let queue = gw.queue_of(&session);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let left = unacked(&queue).await;
+        let left = queue_count(&queue, "messages_unacknowledged").await;
         if left == 0 {
             break;
         }
@@ -88,7 +299,7 @@ async fn a_multiple_ack_never_covers_a_delivery_awaiting_its_client_ack() {
     let mut c1 = None;
     for want in ["a1", "c1", "a2"] {
         let message = reader.recv_message().await;
-        assert_eq!(common::body_text(&message), want);
+        assert_eq!(body_text(&message), want);
         if want == "c1" {
             c1 = message.get("ack").map(str::to_owned);
         }
@@ -100,7 +311,7 @@ async fn a_multiple_ack_never_covers_a_delivery_awaiting_its_client_ack() {
         .send_frame(&Frame::new("NACK").header("id", c1.as_str()))
         .await;
     let again = reader.recv_message().await;
-    assert_eq!(common::body_text(&again), "c1");
+    assert_eq!(body_text(&again), "c1");
     assert_eq!(again.get("redelivered"), Some("true"));
     assert_eq!(
         again.get(stompgate::session::GAP_HEADER),

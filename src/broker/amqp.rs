@@ -2,16 +2,18 @@
 //!
 //! Each session gets its own AMQP channel on a pooled connection, and on it
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
-//! bounded length), consumed with manual acks and a prefetch, publisher
-//! confirms on. One pool per broker URL: when one broker cannot give a
+//! bounded length), consumed without acks while the session keeps up and
+//! with acks and a prefetch once it needs them; publisher confirms on. One pool per broker URL: when one broker cannot give a
 //! connection, the next is tried. Connections taken from the pools are
 //! shared: a session opens its channel on the least loaded one, and a new
 //! connection is taken once each carries `amqp.sessions_per_connection`
 //! channels, so the pool grows with the sessions and no connection nears
 //! RabbitMQ's `channel_max` (2047).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,8 +21,9 @@ use deadpool_lapin::{Hook, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::Map;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consumer};
@@ -225,7 +228,7 @@ impl AmqpBroker {
 impl Broker for AmqpBroker {
     type Session = AmqpSession;
 
-    async fn open(&self, session_id: &str) -> Result<AmqpSession, BrokerError> {
+    async fn open(&self, session_id: &str, acks: bool) -> Result<AmqpSession, BrokerError> {
         let queue = format!("stompgate.{}.{session_id}", self.node_id);
         let opening = async {
             let (connection, load) = self.share().await?;
@@ -258,15 +261,7 @@ impl Broker for AmqpBroker {
                 .queue_declare(short(&queue)?, options, arguments)
                 .await
                 .map_err(classify)?;
-            let consumer = channel
-                .basic_consume(
-                    short(&queue)?,
-                    short(&format!("stompgate.{session_id}"))?,
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(classify)?;
+            let consumer = consume(&channel, &queue, session_id, acks).await?;
             Ok::<_, BrokerError>((channel, consumer, load))
         };
         let (channel, consumer, load) = tokio::time::timeout(self.connect_timeout * 2, opening)
@@ -275,6 +270,11 @@ impl Broker for AmqpBroker {
         Ok(AmqpSession {
             channel,
             consumer,
+            taken: VecDeque::new(),
+            acks,
+            behind: false,
+            backlog_limit: usize::from(self.prefetch),
+            session_id: session_id.to_owned(),
             queue,
             _load: load,
         })
@@ -293,9 +293,39 @@ impl Broker for AmqpBroker {
     }
 }
 
+/// Starts the session's consumer, acknowledged or not; each kind has its
+/// own tag, as the acknowledged one may follow the other on the channel.
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    session_id: &str,
+    acks: bool,
+) -> Result<Consumer, BrokerError> {
+    let tag = if acks {
+        format!("stompgate.{session_id}.acked")
+    } else {
+        format!("stompgate.{session_id}")
+    };
+    let options = BasicConsumeOptions {
+        no_ack: !acks,
+        ..BasicConsumeOptions::default()
+    };
+    channel
+        .basic_consume(short(queue)?, short(&tag)?, options, FieldTable::default())
+        .await
+        .map_err(classify)
+}
+
 pub struct AmqpSession {
     channel: Channel,
     consumer: Consumer,
+    /// Deliveries taken from lapin in one go and not yet handed out: how
+    /// many there were tells whether the session keeps up.
+    taken: VecDeque<lapin::Result<lapin::message::Delivery>>,
+    acks: bool,
+    behind: bool,
+    backlog_limit: usize,
+    session_id: String,
     queue: String,
     /// Counts this session on its connection until dropped.
     _load: Arc<()>,
@@ -370,19 +400,62 @@ impl BrokerSession for AmqpSession {
     }
 
     async fn next_delivery(&mut self) -> Option<Result<Delivery, BrokerError>> {
-        // Consumer is a Stream: next() is cancel-safe.
-        let delivery = match self.consumer.next().await? {
-            Ok(delivery) => delivery,
-            Err(e) => return Some(Err(classify(e))),
-        };
-        Some(Ok(Delivery {
-            tag: delivery.delivery_tag,
-            headers: stomp_headers_from(&delivery.properties),
-            exchange: delivery.exchange.to_string(),
-            routing_key: delivery.routing_key.to_string(),
-            redelivered: delivery.redelivered,
-            body: Bytes::from(delivery.data),
-        }))
+        if self.taken.is_empty() {
+            // Cancel-safe: what was taken stays in `taken`.
+            std::future::poll_fn(|cx| self.take(cx)).await;
+        }
+        let delivery = self.taken.pop_front()?;
+        Some(
+            delivery
+                .map_err(classify)
+                .map(|d| delivery_of(d, !self.acks)),
+        )
+    }
+
+    fn acks(&self) -> bool {
+        self.acks
+    }
+
+    fn behind(&self) -> bool {
+        self.behind
+    }
+
+    async fn require_acks(&mut self) -> Result<Vec<Delivery>, BrokerError> {
+        if self.acks {
+            return Ok(Vec::new());
+        }
+        // The new consumer first: the queue is auto-delete, and would go
+        // with its last consumer.
+        let acked = consume(&self.channel, &self.queue, &self.session_id, true).await?;
+        let mut fast = std::mem::replace(&mut self.consumer, acked);
+        self.channel
+            .basic_cancel(fast.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(classify)?;
+        // The broker sent cancel-ok after its last delivery to the old
+        // consumer, and lapin handles frames in order: all of them are in
+        // its stream now, and then its end.
+        let mut early = Vec::new();
+        for delivery in self.taken.drain(..) {
+            early.push(delivery_of(delivery.map_err(classify)?, true));
+        }
+        while let Some(delivery) = fast.next().await {
+            early.push(delivery_of(delivery.map_err(classify)?, true));
+        }
+        self.acks = true;
+        self.behind = false;
+        // The queue shared its messages between both consumers meanwhile:
+        // the channel's delivery tags give the order it sent them in.
+        std::future::poll_fn(|cx| {
+            let _ = self.take(cx);
+            Poll::Ready(())
+        })
+        .await;
+        for delivery in self.taken.drain(..) {
+            early.push(delivery_of(delivery.map_err(classify)?, false));
+        }
+        early.sort_by_key(|d| d.tag);
+        Ok(early)
     }
 
     async fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
@@ -418,6 +491,38 @@ impl BrokerSession for AmqpSession {
         if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
             tracing::warn!(queue = %self.queue, "closing the session's channel timed out");
         }
+    }
+}
+
+impl AmqpSession {
+    /// Takes everything lapin holds for the consumer, up to the backlog
+    /// limit; ready once something was taken or the consumer ended. How
+    /// many there were tells whether the session keeps up.
+    fn take(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.taken.len() >= self.backlog_limit {
+                self.behind |= !self.acks;
+                return Poll::Ready(());
+            }
+            match self.consumer.poll_next_unpin(cx) {
+                Poll::Ready(Some(delivery)) => self.taken.push_back(delivery),
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Pending if self.taken.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+fn delivery_of(delivery: lapin::message::Delivery, settled: bool) -> Delivery {
+    Delivery {
+        tag: delivery.delivery_tag,
+        settled,
+        headers: stomp_headers_from(&delivery.properties),
+        exchange: delivery.exchange.to_string(),
+        routing_key: delivery.routing_key.to_string(),
+        redelivered: delivery.redelivered,
+        body: Bytes::from(delivery.data),
     }
 }
 

@@ -14,10 +14,14 @@ use bytes::Bytes;
 
 use crate::destination::Route;
 
-/// A message taken from the session's queue, to be acked or nacked by `tag`.
+/// A message taken from the session's queue, to be acked or nacked by `tag`
+/// unless it came `settled`.
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub tag: u64,
+    /// Taken without acknowledgement (see [`BrokerSession::require_acks`]):
+    /// the broker counts it consumed, and nothing acks or nacks it.
+    pub settled: bool,
     pub exchange: String,
     pub routing_key: String,
     pub redelivered: bool,
@@ -77,10 +81,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
     type Session: BrokerSession;
 
     /// Creates the session's exclusive queue (named after `session_id`)
-    /// and starts consuming from it.
+    /// and starts consuming from it: with acknowledgements and a prefetch
+    /// when `acks`, else without (see [`BrokerSession::require_acks`]).
     fn open(
         &self,
         session_id: &str,
+        acks: bool,
     ) -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
 
     /// Whether the broker is reachable right now (`/readyz`); checks.
@@ -116,8 +122,24 @@ pub trait BrokerSession: Send + 'static {
         &mut self,
     ) -> impl Future<Output = Option<Result<Delivery, BrokerError>>> + Send;
 
+    /// Whether deliveries come with acknowledgements (and so at most a
+    /// prefetch of them at a time), rather than `settled`.
+    fn acks(&self) -> bool;
+
+    /// Whether, without acknowledgements, deliveries came in faster than
+    /// they were taken: at least a prefetch's worth was waiting at once.
+    fn behind(&self) -> bool;
+
+    /// Consumes with acknowledgements from now on, so that the broker holds
+    /// what the session has not taken, at most a prefetch in the gateway.
+    /// Unacknowledged consumption is the fast path (no ack for the broker
+    /// to process), for sessions that keep up. Returns, in order, the
+    /// deliveries that came without acknowledgement and were not yet taken.
+    fn require_acks(&mut self) -> impl Future<Output = Result<Vec<Delivery>, BrokerError>> + Send;
+
     /// Acknowledges delivery `tag`, or with `multiple` every delivery up
-    /// to and including it (one frame for a batch).
+    /// to and including it (one frame for a batch). Never for a `settled`
+    /// delivery, nor `nack`: the broker knows no such tag.
     fn ack(
         &mut self,
         tag: u64,
