@@ -7,7 +7,6 @@ use std::io::Write;
 use std::process::Stdio;
 use std::sync::OnceLock;
 
-use bytes::Bytes;
 use common::{body_text, refusals, stompgate_command, unique, Client, Gateway};
 use stompgate::auth::{hash_password, AuthMode, UserConfig};
 use stompgate::config::Config;
@@ -108,9 +107,9 @@ async fn grants_separate_subscribe_from_send() {
     editor.subscribe("1", &no01).await;
     let mut watcher = login(&gw, "editor", "editor-pass").await;
     watcher.subscribe("2", &no02).await;
-    let receipt = editor.send_confirmed(&no01, "granted").await;
+    let (receipt, message) = editor.send_to_self(&no01, "granted").await;
     assert_eq!(receipt.get("routed"), Some("true"));
-    assert_eq!(body_text(&editor.recv_message().await), "granted");
+    assert_eq!(body_text(&message), "granted");
 
     // May read no02 but not write it: ERROR, close, nothing published.
     editor.send(&no02, "not granted").await;
@@ -275,26 +274,10 @@ mod jwt {
         let mut client = Client::open(&gw).await;
         client.handshake(connect_frame(None, Some(&token))).await;
         client.subscribe("s", &format!("/topic/{root}.no01")).await;
-        client
-            .send_frame(
-                &Frame::new("SEND")
-                    .header("destination", format!("/topic/{root}.no01"))
-                    .header("receipt", "sent")
-                    .body(Bytes::from_static(b"hi")),
-            )
+        let (_, message) = client
+            .send_to_self(&format!("/topic/{root}.no01"), "hi")
             .await;
-        // The client reads its own channel: STOMP does not order its
-        // MESSAGE against the SEND's RECEIPT.
-        let mut got = [client.recv().await, client.recv().await]
-            .map(|f| (f.command.clone(), body_text(&f).to_owned()));
-        got.sort();
-        assert_eq!(
-            got,
-            [
-                ("MESSAGE".to_owned(), "hi".to_owned()),
-                ("RECEIPT".to_owned(), String::new())
-            ]
-        );
+        assert_eq!(body_text(&message), "hi");
         client
             .send(&format!("/topic/{root}.no02"), "not granted")
             .await;

@@ -86,7 +86,8 @@ async fn metrics_count_a_newspaper_session_exactly() {
         ("stompgate_publish_confirm_seconds_count", 7.0),
         ("stompgate_deliveries_total", 11.0),
         ("stompgate_messages_delivered_total", 11.0),
-        ("stompgate_deliveries_acked_total", 11.0),
+        // Readers that keep up on auto subscriptions consume without acks.
+        ("stompgate_deliveries_acked_total", 0.0),
         ("stompgate_deliveries_requeued_total", 0.0),
         ("stompgate_heartbeat_timeouts_total", 0.0),
         ("stompgate_slow_client_disconnects_total", 0.0),

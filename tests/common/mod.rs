@@ -384,6 +384,30 @@ impl Client {
         self.expect_receipt(&receipt).await
     }
 
+    /// SEND with a receipt to a destination this client reads: returns the
+    /// RECEIPT and the MESSAGE, which STOMP does not order (RabbitMQ sends
+    /// the delivery and the confirm independently).
+    pub async fn send_to_self(&mut self, destination: &str, body: &str) -> (Frame, Frame) {
+        let receipt = unique("r");
+        self.send_frame(
+            &Frame::new("SEND")
+                .header("destination", destination)
+                .header("receipt", receipt.as_str())
+                .body(Bytes::copy_from_slice(body.as_bytes())),
+        )
+        .await;
+        let (first, second) = (self.recv().await, self.recv().await);
+        let (receipt_frame, message) = if first.command == "RECEIPT" {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        assert_eq!(receipt_frame.command, "RECEIPT", "{receipt_frame:?}");
+        assert_eq!(receipt_frame.get("receipt-id"), Some(receipt.as_str()));
+        assert_eq!(message.command, "MESSAGE", "{message:?}");
+        (receipt_frame, message)
+    }
+
     /// DISCONNECT with a receipt, then the close.
     pub async fn disconnect(mut self) {
         self.send_frame(&Frame::new("DISCONNECT").header("receipt", "bye"))
