@@ -323,18 +323,13 @@ async fn a_multiple_ack_never_covers_a_delivery_awaiting_its_client_ack() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn sessions_spread_over_more_connections_as_they_grow() {
-    let gw = Gateway::start_with(|c| c.amqp.sessions_per_connection = 2).await;
-    let mut clients = Vec::new();
-    for _ in 0..5 {
-        clients.push(Client::connect(&gw).await.0);
-    }
+/// Channels on each of the gateway's AMQP connections, sorted, once the
+/// management API (whose statistics lag by seconds) shows `total` of them.
+async fn channels_per_connection(gw: &Gateway, total: u64) -> Vec<u64> {
     let name = format!("stompgate {}", gw.config.server.node_id);
     let mgmt = Management::new();
-    // The API's connection list comes from statistics that lag by seconds.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let channels = loop {
+    loop {
         let list = mgmt
             .get("/connections?columns=client_properties,channels")
             .await
@@ -347,16 +342,48 @@ async fn sessions_spread_over_more_connections_as_they_grow() {
             .filter_map(|c| c["channels"].as_u64())
             .collect();
         channels.sort();
-        if channels.iter().sum::<u64>() == 5 {
-            break channels;
+        if channels.iter().sum::<u64>() == total {
+            return channels;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "5 sessions' channels not seen within 20 s: {channels:?}"
+            "{total} sessions' channels not seen within 20 s: {channels:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn sessions_spread_over_more_connections_as_they_grow() {
+    let gw = Gateway::start_with(|c| c.amqp.sessions_per_connection = 2).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(Client::connect(&gw).await.0);
+    }
+    let channels = channels_per_connection(&gw, 5).await;
     assert_eq!(channels, vec![1, 2, 2], "at most 2 sessions per connection");
+    for client in clients {
+        client.disconnect().await;
+    }
+    gw.stop().await;
+}
+
+/// Each AMQP connection has its own I/O thread: new sessions fill the
+/// first connection with room rather than spreading over all of them.
+#[tokio::test]
+async fn new_sessions_fill_the_first_connection_with_room() {
+    let gw = Gateway::start_with(|c| c.amqp.sessions_per_connection = 3).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Client::connect(&gw).await.0);
+    }
+    assert_eq!(channels_per_connection(&gw, 4).await, vec![1, 3]);
+    clients.remove(0).disconnect().await;
+    assert_eq!(channels_per_connection(&gw, 3).await, vec![1, 2]);
+    // The first connection has room again: the new session goes there,
+    // not to the less loaded second one.
+    clients.push(Client::connect(&gw).await.0);
+    assert_eq!(channels_per_connection(&gw, 4).await, vec![1, 3]);
     for client in clients {
         client.disconnect().await;
     }
