@@ -238,17 +238,14 @@ fn upgrade_token(headers: &HeaderMap, mut query: HashMap<String, String>) -> Opt
         .or_else(|| query.remove("access_token"))
 }
 
-/// The client's address, when the connection was accepted over TLS by
-/// the gateway's own loop (warp's `addr::remote()` knows only the
-/// connections warp accepted itself).
+/// The client's address, put on each request by the gateway's own accept
+/// loop (`server::serve`).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
 fn peer_addr(
 ) -> impl Filter<Extract = (Option<SocketAddr>,), Error = std::convert::Infallible> + Clone {
-    warp::addr::remote()
-        .and(warp::ext::optional::<PeerAddr>())
-        .map(|remote: Option<SocketAddr>, tls: Option<PeerAddr>| remote.or(tls.map(|p| p.0)))
+    warp::ext::optional::<PeerAddr>().map(|peer: Option<PeerAddr>| peer.map(|p| p.0))
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {

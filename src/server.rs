@@ -77,16 +77,13 @@ pub async fn run<B: Broker>(
         Err(e) => warn!(error = %e, "listening (address unknown)"),
     }
     let routes = routes::routes(state);
-    match tls {
-        Some(tls) => serve_tls(listener, TlsAcceptor::from(tls), routes, shutdown.clone()).await,
-        None => {
-            warp::serve(routes)
-                .incoming(listener)
-                .graceful(shutdown.clone().cancelled_owned())
-                .run()
-                .await
-        }
-    }
+    serve(
+        listener,
+        tls.map(TlsAcceptor::from),
+        routes,
+        shutdown.clone(),
+    )
+    .await;
     sessions.close();
     info!(open = sessions.len(), "shutting down: waiting for sessions");
     let limit = config.server.shutdown_timeout;
@@ -102,12 +99,13 @@ pub async fn run<B: Broker>(
 /// Longest a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Accepts TLS connections and serves the routes on them (warp 0.4 has no
-/// TLS of its own). Each request carries the client's address as
-/// [`PeerAddr`], for logs and per-address limits.
-async fn serve_tls<F>(
+/// Accepts connections (TLS ones when `tls` is set: warp 0.4 has none of
+/// its own) and serves the routes on them until `shutdown`. Each request
+/// carries the client's address as [`PeerAddr`], for logs and per-address
+/// limits.
+async fn serve<F>(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Option<TlsAcceptor>,
     routes: F,
     shutdown: CancellationToken,
 ) where
@@ -129,29 +127,48 @@ async fn serve_tls<F>(
                 }
             },
         };
-        let acceptor = acceptor.clone();
-        let service = warp::service(routes.clone());
+        // A MESSAGE goes out as soon as its session is idle; Nagle's
+        // algorithm would hold it back until the client acked the last
+        // one (up to a delayed ACK, tens of ms).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
+        let (tls, routes) = (tls.clone(), routes.clone());
         tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-            let service = hyper::service::service_fn(
-                move |mut request: hyper::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(PeerAddr(peer));
-                    let mut service = service.clone();
-                    tower_service::Service::call(&mut service, request)
-                },
-            );
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let Some(acceptor) = tls else {
+                return serve_connection(TokioIo::new(tcp), peer, routes).await;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), peer, routes).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+async fn serve_connection<I, F>(io: I, peer: std::net::SocketAddr, routes: F)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F::Future: Send,
+{
+    let service = warp::service(routes);
+    let service =
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(PeerAddr(peer));
+            let mut service = service.clone();
+            tower_service::Service::call(&mut service, request)
+        });
+    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(io, service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
