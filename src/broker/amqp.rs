@@ -3,12 +3,13 @@
 //! Each session gets its own AMQP channel on a pooled connection, and on it
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
 //! bounded length), consumed without acks while the session keeps up and
-//! with acks and a prefetch once it needs them; publisher confirms on. One pool per broker URL: when one broker cannot give a
-//! connection, the next is tried. Connections taken from the pools are
-//! shared: a session opens its channel on the least loaded one, and a new
-//! connection is taken once each carries `amqp.sessions_per_connection`
-//! channels, so the pool grows with the sessions and no connection nears
-//! RabbitMQ's `channel_max` (2047).
+//! with acks and a prefetch once it needs them; publisher confirms on.
+//! One pool per broker URL: when one broker cannot give a connection, the
+//! next is tried. Connections taken from the pools are shared: a session
+//! opens its channel on the first one with room, and a new connection is
+//! taken once each carries `amqp.sessions_per_connection` channels, so the
+//! pool grows with the sessions and no connection nears RabbitMQ's
+//! `channel_max` (2047).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,8 +52,9 @@ const STOMP_OWN_HEADERS: [&str; 9] = [
 /// [`super::Acked`]). Never shown to STOMP clients.
 const STAMP_HEADER: &str = "x-stompgate-stamp";
 
-/// Bounds the queue deletion and channel close at session end, so a dead
-/// broker cannot hold a finished session.
+/// Bounds the queue deletion and channel close at session end, and the
+/// wait for a cancelled consumer's end, so a dead broker cannot hold a
+/// session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
@@ -452,7 +454,10 @@ impl BrokerSession for AmqpSession {
         for delivery in self.taken.drain(..) {
             early.push(delivery_of(delivery.map_err(classify)?, true));
         }
-        while let Some(delivery) = fast.next().await {
+        let rest = tokio::time::timeout(CLOSE_TIMEOUT, fast.by_ref().collect::<Vec<_>>())
+            .await
+            .map_err(|_| BrokerError::Unavailable("the cancelled consumer did not end".into()))?;
+        for delivery in rest {
             early.push(delivery_of(delivery.map_err(classify)?, true));
         }
         self.acks = true;
