@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -135,40 +136,33 @@ async fn serve<F>(
         }
         let (tls, routes) = (tls.clone(), routes.clone());
         tokio::spawn(async move {
-            let Some(acceptor) = tls else {
-                return serve_connection(TokioIo::new(tcp), peer, routes).await;
+            let io = match tls {
+                None => Either::Left(tcp),
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => Either::Right(stream),
+                        Ok(Err(e)) => {
+                            return tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             };
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), peer, routes).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            let service = warp::service(routes);
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(PeerAddr(peer));
+                    let mut service = service.clone();
+                    tower_service::Service::call(&mut service, request)
+                },
+            );
+            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
-    }
-}
-
-async fn serve_connection<I, F>(io: I, peer: std::net::SocketAddr, routes: F)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    F::Future: Send,
-{
-    let service = warp::service(routes);
-    let service =
-        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(PeerAddr(peer));
-            let mut service = service.clone();
-            tower_service::Service::call(&mut service, request)
-        });
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(io, service)
-        .await;
-    if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
