@@ -371,8 +371,8 @@ impl Client {
         .await;
     }
 
-    /// SEND with a receipt; returns the RECEIPT (after the broker's confirm).
-    pub async fn send_confirmed(&mut self, destination: &str, body: &str) -> Frame {
+    /// SEND with a fresh receipt id, which it returns.
+    async fn send_with_receipt(&mut self, destination: &str, body: &str) -> String {
         let receipt = unique("r");
         self.send_frame(
             &Frame::new("SEND")
@@ -381,6 +381,12 @@ impl Client {
                 .body(Bytes::copy_from_slice(body.as_bytes())),
         )
         .await;
+        receipt
+    }
+
+    /// SEND with a receipt; returns the RECEIPT (after the broker's confirm).
+    pub async fn send_confirmed(&mut self, destination: &str, body: &str) -> Frame {
+        let receipt = self.send_with_receipt(destination, body).await;
         self.expect_receipt(&receipt).await
     }
 
@@ -388,14 +394,7 @@ impl Client {
     /// RECEIPT and the MESSAGE, which STOMP does not order (RabbitMQ sends
     /// the delivery and the confirm independently).
     pub async fn send_to_self(&mut self, destination: &str, body: &str) -> (Frame, Frame) {
-        let receipt = unique("r");
-        self.send_frame(
-            &Frame::new("SEND")
-                .header("destination", destination)
-                .header("receipt", receipt.as_str())
-                .body(Bytes::copy_from_slice(body.as_bytes())),
-        )
-        .await;
+        let receipt = self.send_with_receipt(destination, body).await;
         let (first, second) = (self.recv().await, self.recv().await);
         let (receipt_frame, message) = if first.command == "RECEIPT" {
             (first, second)
