@@ -1312,18 +1312,16 @@ impl<B: Broker> Session<B> {
         self.metrics.deliveries.inc();
         // One queue receives a message once even when several bindings
         // match it, so the session fans it out to its subscriptions.
-        let matching: Vec<usize> = self
-            .subscriptions
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.destination.route.exchange == delivery.exchange
-                    && topic_matches(&s.destination.route.key, &delivery.routing_key)
-            })
-            .map(|(i, _)| i)
-            .collect();
         let mut awaiting = 0;
-        for index in matching {
+        // By index: writing a MESSAGE needs `self` while a subscription is
+        // borrowed, and collecting the matches would allocate per delivery.
+        for index in 0..self.subscriptions.len() {
+            let route = &self.subscriptions[index].destination.route;
+            if route.exchange != delivery.exchange
+                || !topic_matches(&route.key, &delivery.routing_key)
+            {
+                continue;
+            }
             let number = self.next_message;
             self.next_message += 1;
             let subscription = &mut self.subscriptions[index];
