@@ -267,7 +267,11 @@ impl Client {
                     self.decoder.feed(&data);
                 }
                 Some(Ok(Message::Close(close))) => {
-                    return Err(Closed::Code(close.map_or(1005, |c| u16::from(c.code))))
+                    // Answer the close at once, as browsers do; tungstenite
+                    // queues the reply but sends it only on the next I/O,
+                    // which left the gateway waiting out its close grace.
+                    let _ = self.ws.flush().await;
+                    return Err(Closed::Code(close.map_or(1005, |c| u16::from(c.code))));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => return Err(Closed::Dropped),
