@@ -187,12 +187,12 @@ impl Config {
                 reason: reason.into(),
             }
         }
-        let uri: Result<lapin::uri::AMQPUri, _> = self.amqp.url.parse();
+        let uri: Result<amq_protocol::uri::AMQPUri, _> = self.amqp.url.parse();
         if let Err(reason) = uri {
             return Err(invalid("amqp.url", format!("not an AMQP URL: {reason}")));
         }
         for url in &self.amqp.urls {
-            if let Err(reason) = url.parse::<lapin::uri::AMQPUri>() {
+            if let Err(reason) = url.parse::<amq_protocol::uri::AMQPUri>() {
                 return Err(invalid(
                     "amqp.urls",
                     format!("{url:?}: not an AMQP URL: {reason}"),

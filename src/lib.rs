@@ -19,7 +19,8 @@
 //! - [`session`]: one task per WebSocket, from CONNECT to close.
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
-//! - [`broker`]: the port the session talks to, and its RabbitMQ adapter.
+//! - [`broker`]: the port the session talks to, its RabbitMQ adapter, and
+//!   the AMQP client under it, which runs on the sessions' own runtime.
 //! - [`metrics`] and [`admin`]: what operators see (`/metrics`, `/admin/sessions`).
 
 pub mod admin;

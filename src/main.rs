@@ -50,11 +50,8 @@ impl<E: std::error::Error> From<E> for Fatal {
     }
 }
 
-/// Log filter when RUST_LOG is not set. lapin warns about every message the
-/// broker returns, body included; an unroutable publish is the source
-/// document's first caveat, reported to the sender as `routed:false`, not
-/// something for an operator's log.
-const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
+/// Log filter when RUST_LOG is not set.
+const DEFAULT_LOG_FILTER: &str = "info";
 
 fn main() -> Result<(), Fatal> {
     let cli = Cli::parse();

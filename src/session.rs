@@ -4,7 +4,7 @@
 //! reconnection and shutdown. Whatever ends it, the queue is deleted and
 //! the channel closed before the task returns.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::admin::{self, Registration, SessionEntry};
 use crate::auth::{Auth, Grants};
-use crate::broker::{Acked, Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::Config;
 use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
 use crate::limits::{PublishRate, Refusal};
@@ -149,13 +149,9 @@ struct InFlight<C> {
     receipt: Option<String>,
     /// None for the receipt of a frame other than SEND.
     message: Option<Publish>,
-    /// Identifies this publish in a message the broker returns.
-    stamp: u64,
     /// The broker's pending confirm; None while the message waits for the
-    /// broker to come back, or once it resolved (then `outcome` holds it).
+    /// broker to come back, or once it resolved.
     confirm: Option<C>,
-    /// A confirm that resolved while an older entry was still waiting.
-    outcome: Option<Result<Acked, BrokerError>>,
     /// When the client sent it: `amqp.publish_timeout` counts from here.
     since: Instant,
     /// When it was (last) published: the confirm latency counts from here.
@@ -166,7 +162,7 @@ impl<C> InFlight<C> {
     /// Whether this entry can settle now (a receipt marker, or a publish
     /// with a confirm to wait for), as opposed to waiting for the broker.
     fn settleable(&self) -> bool {
-        self.message.is_none() || self.confirm.is_some() || self.outcome.is_some()
+        self.message.is_none() || self.confirm.is_some()
     }
 }
 
@@ -175,17 +171,14 @@ impl<C> InFlight<C> {
 /// resolves, and is taken out of it when it does.
 async fn settle_front<C>(
     in_flight: &mut VecDeque<InFlight<C>>,
-) -> Result<Option<Acked>, BrokerError>
+) -> Result<Option<Confirmed>, BrokerError>
 where
-    C: Future<Output = Result<Acked, BrokerError>> + Unpin,
+    C: Future<Output = Result<Confirmed, BrokerError>> + Unpin,
 {
     std::future::poll_fn(|cx| {
         let Some(front) = in_flight.front_mut() else {
             return Poll::Ready(Ok(None));
         };
-        if let Some(outcome) = front.outcome.take() {
-            return Poll::Ready(outcome.map(Some));
-        }
         let Some(confirm) = front.confirm.as_mut() else {
             return Poll::Ready(Ok(None));
         };
@@ -363,8 +356,6 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         ack_batch: u64::from(ctx.config.amqp.prefetch / 2).max(1),
         next_message: 0,
         in_flight: VecDeque::new(),
-        next_stamp: 0,
-        returned: HashSet::new(),
         disconnecting: None,
         rate: PublishRate::new(stomp.publish_rate, stomp.publish_burst),
         throttled_until: None,
@@ -740,11 +731,6 @@ struct Session<B: Broker> {
     ack_batch: u64,
     next_message: u64,
     in_flight: VecDeque<InFlight<<B::Session as BrokerSession>::Confirm>>,
-    /// Stamp for the next publish.
-    next_stamp: u64,
-    /// Stamps of publishes the broker returned (unroutable), gathered from
-    /// whichever confirms carried them, until their own confirm settles.
-    returned: HashSet<u64>,
     /// Set by DISCONNECT (with its receipt): no more frames are read, and
     /// the session ends once everything before it has settled.
     disconnecting: Option<Option<String>>,
@@ -941,9 +927,7 @@ impl<B: Broker> Session<B> {
         broker.close().await;
         for flight in &mut self.in_flight {
             flight.confirm = None;
-            flight.outcome = None;
         }
-        self.returned.clear();
         self.unacked.clear();
         self.awaiting_acks.clear();
         self.held_acks = None;
@@ -981,7 +965,7 @@ impl<B: Broker> Session<B> {
             let now = Instant::now();
             for flight in &mut self.in_flight {
                 if let Some(message) = &flight.message {
-                    flight.confirm = Some(broker.publish(message, flight.stamp).await?);
+                    flight.confirm = Some(broker.publish(message).await?);
                     flight.published = now;
                 }
             }
@@ -1119,9 +1103,7 @@ impl<B: Broker> Session<B> {
             self.in_flight.push_back(InFlight {
                 receipt: Some(receipt.to_owned()),
                 message: None,
-                stamp: 0,
                 confirm: None,
-                outcome: None,
                 since: now,
                 published: now,
             });
@@ -1186,11 +1168,9 @@ impl<B: Broker> Session<B> {
             headers: send.headers,
             body: send.body,
         };
-        let stamp = self.next_stamp;
-        self.next_stamp += 1;
         let confirm = match self.broker.as_mut() {
             Some(broker) => {
-                let result = broker.publish(&message, stamp).await;
+                let result = broker.publish(&message).await;
                 self.check(result).await?
             }
             None => None,
@@ -1199,9 +1179,7 @@ impl<B: Broker> Session<B> {
         self.in_flight.push_back(InFlight {
             receipt: receipt.map(str::to_owned),
             message: Some(message),
-            stamp,
             confirm,
-            outcome: None,
             since: now,
             published: now,
         });
@@ -1549,57 +1527,16 @@ impl<B: Broker> Session<B> {
         Ok(())
     }
 
-    /// Polls, once, the confirms of the entries behind the oldest: a
-    /// return they carry may be the oldest one's. Each outcome is kept for
-    /// its own turn.
-    fn sweep_confirms(&mut self) {
-        for flight in self.in_flight.iter_mut().skip(1) {
-            let Some(confirm) = flight.confirm.as_mut() else {
-                continue;
-            };
-            if let Some(outcome) = confirm.now_or_never() {
-                flight.confirm = None;
-                if let Ok(Acked {
-                    carried_return: Some(stamp),
-                }) = outcome
-                {
-                    self.returned.insert(stamp);
-                }
-                flight.outcome = Some(outcome);
-            }
-        }
-    }
-
-    /// Whether the oldest entry's publish was routed, from its own confirm
-    /// and the returns every confirm resolved so far has carried. A return
-    /// reaches the gateway before its message's confirm; lapin hands it to
-    /// whichever confirm completes next, possibly a later one resolved in
-    /// the same batch, so those are swept (after letting lapin finish the
-    /// batch) before deciding.
-    async fn routing_of_front(&mut self, acked: Acked) -> Confirmed {
-        if let Some(stamp) = acked.carried_return {
-            self.returned.insert(stamp);
-        }
-        tokio::task::yield_now().await;
-        self.sweep_confirms();
-        let stamp = self.in_flight.front().map_or(u64::MAX, |f| f.stamp);
-        if self.returned.remove(&stamp) {
-            Confirmed::Unroutable
-        } else {
-            Confirmed::Routed
-        }
-    }
-
     /// The oldest in-flight entry settled: send its receipt (when
     /// `receipts`), or report why the broker refused, or go reconnecting
     /// if the broker went away.
     async fn settled(
         &mut self,
-        result: Result<Option<Acked>, BrokerError>,
+        result: Result<Option<Confirmed>, BrokerError>,
         receipts: bool,
     ) -> Result<(), End> {
-        let acked = match result {
-            Ok(acked) => acked,
+        let confirmed = match result {
+            Ok(confirmed) => confirmed,
             Err(BrokerError::Unavailable(why)) => {
                 self.lose_broker(&why).await;
                 return Ok(());
@@ -1608,10 +1545,6 @@ impl<B: Broker> Session<B> {
                 let receipt = self.in_flight.front().and_then(|f| f.receipt.clone());
                 return Err(self.fail(e.into(), receipt.as_deref()).await);
             }
-        };
-        let confirmed = match acked {
-            Some(acked) => Some(self.routing_of_front(acked).await),
-            None => None,
         };
         let Some(flight) = self.in_flight.pop_front() else {
             return Ok(());

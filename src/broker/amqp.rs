@@ -1,15 +1,16 @@
-//! RabbitMQ behind the broker port, with lapin and a deadpool-lapin pool.
+//! RabbitMQ behind the broker port, on the gateway's own AMQP client
+//! ([`super::client`]).
 //!
 //! Each session gets its own AMQP channel on a pooled connection, and on it
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
 //! bounded length), consumed without acks while the session keeps up and
 //! with acks and a prefetch once it needs them; publisher confirms on.
-//! One pool per broker URL: when one broker cannot give a connection, the
-//! next is tried. Connections taken from the pools are shared: a session
-//! opens its channel on the first one with room, and a new connection is
-//! taken once each carries `amqp.sessions_per_connection` channels, so the
-//! pool grows with the sessions and no connection nears RabbitMQ's
-//! `channel_max` (2047).
+//! Up to `amqp.pool_size` connections per broker URL: when one broker
+//! cannot give a connection, the next is tried. Connections are shared: a
+//! session opens its channel on the first one with room, and a new
+//! connection is opened once each carries `amqp.sessions_per_connection`
+//! channels, so the pool grows with the sessions and no connection nears
+//! RabbitMQ's `channel_max` (2047).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,19 +18,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use deadpool_lapin::{Hook, Pool, PoolConfig, Runtime, Timeouts};
+use amq_protocol::protocol::{basic, confirm, queue, AMQPClass, BasicProperties};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use futures_util::future::Map;
-use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, ConnectionProperties, Consumer};
+use futures_util::FutureExt;
+use tokio::sync::oneshot;
 
-use super::{Acked, Broker, BrokerError, BrokerSession, Delivery, Publish};
+use super::client::{Channel, Connection, Message, STAMP_HEADER};
+use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
 use crate::config::{AmqpConfig, Overflow};
 use crate::destination::Route;
 use crate::metrics::Metrics;
@@ -48,22 +44,17 @@ const STOMP_OWN_HEADERS: [&str; 9] = [
     "redelivered",
 ];
 
-/// Identifies a session's publish in a message the broker returns (see
-/// [`super::Acked`]). Never shown to STOMP clients.
-const STAMP_HEADER: &str = "x-stompgate-stamp";
-
-/// Bounds the queue deletion and channel close at session end, and the
-/// wait for a cancelled consumer's end, so a dead broker cannot hold a
-/// session.
+/// Bounds the queue deletion and channel close at session end, so a dead
+/// broker cannot hold a session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct AmqpBroker {
-    /// One per broker URL, in config order.
-    pools: Arc<[Pool]>,
-    /// The pool that gave the last good connection: tried first.
+    /// Broker URLs, in config order.
+    urls: Arc<[String]>,
+    /// The broker that gave the last good connection: tried first.
     current: Arc<AtomicUsize>,
-    /// Connections taken from the pools, shared by sessions.
+    /// Open connections, shared by sessions.
     held: Arc<tokio::sync::Mutex<Vec<Held>>>,
     sessions_per_connection: usize,
     pool_size: usize,
@@ -73,13 +64,15 @@ pub struct AmqpBroker {
     queue_max_length: u32,
     queue_overflow: Overflow,
     connect_timeout: Duration,
+    /// The connection name in RabbitMQ's management UI.
+    name: String,
     metrics: Arc<Metrics>,
 }
 
-/// A pooled connection and its load: every session on it holds a clone
+/// A shared connection and its load: every session on it holds a clone
 /// of `load`, so the strong count less one is its number of channels.
 struct Held {
-    connection: Arc<deadpool_lapin::Object>,
+    connection: Connection,
     load: Arc<()>,
 }
 
@@ -97,75 +90,32 @@ struct Health {
 }
 
 impl AmqpBroker {
-    /// Prepares the pools; connections are opened on first use, so the
-    /// gateway starts (and `/readyz` says 503) while RabbitMQ is down.
+    /// Prepares the broker list; connections are opened on first use, so
+    /// the gateway starts (and `/readyz` says 503) while RabbitMQ is down.
     pub fn new(
         config: &AmqpConfig,
         node_id: &str,
         metrics: Arc<Metrics>,
     ) -> Result<AmqpBroker, BrokerError> {
-        let health = Arc::new(Health {
-            up: AtomicBool::new(true),
-            lost: AtomicBool::new(false),
-        });
-        let pools = config
-            .all_urls()
-            .map(|url| Self::pool(config, url, node_id, &metrics, &health))
-            .collect::<Result<Vec<Pool>, BrokerError>>()?;
+        let urls = config.all_urls().map(str::to_owned).collect::<Vec<_>>();
         Ok(AmqpBroker {
-            pools: pools.into(),
+            urls: urls.into(),
             current: Arc::new(AtomicUsize::new(0)),
             held: Arc::new(tokio::sync::Mutex::new(Vec::new())),
             sessions_per_connection: config.sessions_per_connection,
             pool_size: config.pool_size,
-            health,
+            health: Arc::new(Health {
+                up: AtomicBool::new(true),
+                lost: AtomicBool::new(false),
+            }),
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
             queue_max_length: config.queue_max_length,
             queue_overflow: config.queue_overflow,
             connect_timeout: config.connect_timeout,
+            name: format!("stompgate {node_id}"),
             metrics,
         })
-    }
-
-    fn pool(
-        config: &AmqpConfig,
-        url: &str,
-        node_id: &str,
-        metrics: &Metrics,
-        health: &Arc<Health>,
-    ) -> Result<Pool, BrokerError> {
-        let name = format!("stompgate {node_id}");
-        let pool_config = deadpool_lapin::Config {
-            url: Some(url.to_owned()),
-            pool: Some(PoolConfig {
-                max_size: config.pool_size,
-                timeouts: Timeouts {
-                    wait: Some(config.connect_timeout),
-                    create: Some(config.connect_timeout),
-                    recycle: Some(config.connect_timeout),
-                },
-                ..PoolConfig::default()
-            }),
-        };
-        let opened = metrics.broker_connections_opened.clone();
-        let reconnects = metrics.broker_reconnects.clone();
-        let health = health.clone();
-        pool_config
-            .builder(
-                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
-                Runtime::Tokio1,
-            )
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?
-            .post_create(Hook::sync_fn(move |_, _| {
-                opened.inc();
-                if health.lost.swap(false, Ordering::Relaxed) {
-                    reconnects.inc();
-                }
-                Ok(())
-            }))
-            .build()
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 
     fn set_up(&self, up: bool) {
@@ -178,24 +128,24 @@ impl AmqpBroker {
 
     /// A connection for one more session: the first live one held that
     /// carries fewer than `amqp.sessions_per_connection`, else a new one
-    /// from the pools (or, past what they give, the least loaded). Packing
-    /// sessions onto the fewest connections matters: each connection has
-    /// its own I/O thread, and a fan-out spread over two costs more CPU per
-    /// delivery than on one. Returns the session's share of the load.
-    async fn share(&self) -> Result<(Arc<deadpool_lapin::Object>, Arc<()>), BrokerError> {
+    /// one (or, past `amqp.pool_size` per broker, the least loaded).
+    /// Packing sessions onto the fewest connections keeps the broker's
+    /// fan-out in few writes: with lapin, whose every connection had an I/O
+    /// thread, a fan-out spread over two cost 15–20% more CPU per delivery.
+    /// Returns the session's share of the load.
+    async fn share(&self) -> Result<(Connection, Arc<()>), BrokerError> {
         let mut held = self.held.lock().await;
-        // A lost connection goes back to its pool, which discards it.
-        held.retain(|h| h.connection.status().connected());
+        held.retain(|h| h.connection.is_open());
         let room = held
             .iter()
             .position(|h| h.sessions() < self.sessions_per_connection);
         let index = match room {
             Some(index) => Some(index),
-            None if held.len() < self.pool_size * self.pools.len() => {
+            None if held.len() < self.pool_size * self.urls.len() => {
                 match self.connection().await {
                     Ok(connection) => {
                         held.push(Held {
-                            connection: Arc::new(connection),
+                            connection,
                             load: Arc::new(()),
                         });
                         Some(held.len() - 1)
@@ -218,21 +168,31 @@ impl AmqpBroker {
         Ok((h.connection.clone(), h.load.clone()))
     }
 
-    /// A live pooled connection, from the broker that gave the last one or
-    /// else the next in turn; whether one could be had sets `broker_up`.
-    async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+    /// A new connection, to the broker that gave the last one or else the
+    /// next in turn; whether one could be had sets `broker_up`.
+    async fn connection(&self) -> Result<Connection, BrokerError> {
         let first = self.current.load(Ordering::Relaxed);
         let mut failure = String::from("no broker configured");
-        for i in 0..self.pools.len() {
-            let index = (first + i) % self.pools.len();
-            match self.pools[index].get().await {
-                Ok(connection) if connection.status().connected() => {
+        for i in 0..self.urls.len() {
+            let index = (first + i) % self.urls.len();
+            let opening = Connection::open(&self.urls[index], &self.name);
+            match tokio::time::timeout(self.connect_timeout, opening).await {
+                Ok(Ok(connection)) => {
                     self.current.store(index, Ordering::Relaxed);
+                    self.metrics.broker_connections_opened.inc();
+                    if self.health.lost.swap(false, Ordering::Relaxed) {
+                        self.metrics.broker_reconnects.inc();
+                    }
                     self.set_up(true);
                     return Ok(connection);
                 }
-                Ok(connection) => failure = format!("connection {:?}", connection.status()),
-                Err(e) => failure = e.to_string(),
+                Ok(Err(e)) => failure = e.to_string(),
+                Err(_) => {
+                    failure = format!(
+                        "no connection within amqp.connect_timeout ({:?})",
+                        self.connect_timeout
+                    )
+                }
             }
         }
         self.set_up(false);
@@ -247,20 +207,18 @@ impl Broker for AmqpBroker {
         let queue = format!("stompgate.{}.{session_id}", self.node_id);
         let opening = async {
             let (connection, load) = self.share().await?;
-            let channel = connection.create_channel().await.map_err(classify)?;
-            channel
-                .basic_qos(self.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(classify)?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(classify)?;
-            let options = QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
+            let channel = connection.channel().await?;
+            let qos = basic::Qos {
+                prefetch_count: self.prefetch,
+                global: false,
             };
+            channel
+                .call(AMQPClass::Basic(basic::AMQPMethod::Qos(qos)))
+                .await?;
+            let select = confirm::Select { nowait: false };
+            channel
+                .call(AMQPClass::Confirm(confirm::AMQPMethod::Select(select)))
+                .await?;
             // A client that stops reading cannot make its queue eat the
             // broker's memory.
             let mut arguments = FieldTable::default();
@@ -272,10 +230,18 @@ impl Broker for AmqpBroker {
                 "x-overflow".into(),
                 AMQPValue::LongString(self.queue_overflow.as_str().into()),
             );
+            let declare = queue::Declare {
+                queue: short(&queue)?,
+                passive: false,
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                nowait: false,
+                arguments,
+            };
             channel
-                .queue_declare(short(&queue)?, options, arguments)
-                .await
-                .map_err(classify)?;
+                .call(AMQPClass::Queue(queue::AMQPMethod::Declare(declare)))
+                .await?;
             let consumer = consume(&channel, &queue, session_id, acks).await?;
             Ok::<_, BrokerError>((channel, consumer, load))
         };
@@ -298,7 +264,7 @@ impl Broker for AmqpBroker {
     async fn ready(&self) -> bool {
         let live = {
             let held = self.held.lock().await;
-            held.iter().any(|h| h.connection.status().connected())
+            held.iter().any(|h| h.connection.is_open())
         };
         live || self.share().await.is_ok()
     }
@@ -308,35 +274,37 @@ impl Broker for AmqpBroker {
     }
 }
 
-/// Starts the session's consumer, acknowledged or not; each kind has its
-/// own tag, as the acknowledged one may follow the other on the channel.
+/// Starts the session's consumer, acknowledged or not, and returns its
+/// tag; each kind has its own, as the acknowledged one may follow the
+/// other on the channel.
 async fn consume(
     channel: &Channel,
     queue: &str,
     session_id: &str,
     acks: bool,
-) -> Result<Consumer, BrokerError> {
+) -> Result<String, BrokerError> {
+    let tag = consumer_tag(session_id, acks)?;
+    channel.consume(queue, &tag, !acks).await?;
+    Ok(tag)
+}
+
+fn consumer_tag(session_id: &str, acks: bool) -> Result<String, BrokerError> {
     let tag = if acks {
         format!("stompgate.{session_id}.acked")
     } else {
         format!("stompgate.{session_id}")
     };
-    let options = BasicConsumeOptions {
-        no_ack: !acks,
-        ..BasicConsumeOptions::default()
-    };
-    channel
-        .basic_consume(short(queue)?, short(&tag)?, options, FieldTable::default())
-        .await
-        .map_err(classify)
+    short(&tag)?;
+    Ok(tag)
 }
 
 pub struct AmqpSession {
     channel: Channel,
-    consumer: Consumer,
-    /// Deliveries taken from lapin in one go and not yet handed out: how
-    /// many there were tells whether the session keeps up.
-    taken: VecDeque<lapin::Result<lapin::message::Delivery>>,
+    /// The tag of the consumer deliveries are taken from.
+    consumer: String,
+    /// Deliveries taken from the channel in one go and not yet handed out:
+    /// how many there were tells whether the session keeps up.
+    taken: VecDeque<Result<Message, BrokerError>>,
     acks: bool,
     behind: bool,
     backlog_limit: usize,
@@ -347,19 +315,21 @@ pub struct AmqpSession {
 }
 
 /// A publisher confirm turned into the port's terms, without boxing.
-pub type AmqpConfirm =
-    Map<lapin::PublisherConfirm, fn(lapin::Result<Confirmation>) -> Result<Acked, BrokerError>>;
+pub type AmqpConfirm = Map<
+    oneshot::Receiver<Result<Confirmed, BrokerError>>,
+    fn(
+        Result<Result<Confirmed, BrokerError>, oneshot::error::RecvError>,
+    ) -> Result<Confirmed, BrokerError>,
+>;
 
-fn confirmed(result: lapin::Result<Confirmation>) -> Result<Acked, BrokerError> {
-    match result.map_err(classify)? {
-        Confirmation::Ack(returned) => Ok(Acked {
-            carried_return: returned.and_then(|r| stamp_of(&r.delivery.properties)),
-        }),
-        Confirmation::Nack(_) => Err(BrokerError::Nacked),
-        Confirmation::NotRequested => Err(BrokerError::Refused(
-            "publisher confirms are not enabled on the channel".into(),
-        )),
-    }
+fn confirmed(
+    result: Result<Result<Confirmed, BrokerError>, oneshot::error::RecvError>,
+) -> Result<Confirmed, BrokerError> {
+    result.unwrap_or_else(|_| {
+        Err(BrokerError::Unavailable(
+            "the connection ended before the broker confirmed".into(),
+        ))
+    })
 }
 
 impl BrokerSession for AmqpSession {
@@ -370,47 +340,46 @@ impl BrokerSession for AmqpSession {
     }
 
     async fn bind(&mut self, route: &Route) -> Result<(), BrokerError> {
+        let bind = queue::Bind {
+            queue: short(&self.queue)?,
+            exchange: short(&route.exchange)?,
+            routing_key: short(&route.key)?,
+            nowait: false,
+            arguments: FieldTable::default(),
+        };
         self.channel
-            .queue_bind(
-                short(&self.queue)?,
-                short(&route.exchange)?,
-                short(&route.key)?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
+            .call(AMQPClass::Queue(queue::AMQPMethod::Bind(bind)))
             .await
-            .map_err(classify)
+            .map(drop)
     }
 
     async fn unbind(&mut self, route: &Route) -> Result<(), BrokerError> {
+        let unbind = queue::Unbind {
+            queue: short(&self.queue)?,
+            exchange: short(&route.exchange)?,
+            routing_key: short(&route.key)?,
+            arguments: FieldTable::default(),
+        };
         self.channel
-            .queue_unbind(
-                short(&self.queue)?,
-                short(&route.exchange)?,
-                short(&route.key)?,
-                FieldTable::default(),
-            )
+            .call(AMQPClass::Queue(queue::AMQPMethod::Unbind(unbind)))
             .await
-            .map_err(classify)
+            .map(drop)
     }
 
-    async fn publish(&mut self, message: &Publish, stamp: u64) -> Result<AmqpConfirm, BrokerError> {
-        let properties = properties_from_stomp(&message.headers, stamp)?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
+    async fn publish(&mut self, message: &Publish) -> Result<AmqpConfirm, BrokerError> {
+        let (properties, headers) = properties_from_stomp(&message.headers)?;
+        short(&message.route.exchange)?;
+        short(&message.route.key)?;
         let confirm = self
             .channel
-            .basic_publish(
-                short(&message.route.exchange)?,
-                short(&message.route.key)?,
-                options,
-                &message.body,
+            .publish(
+                &message.route.exchange,
+                &message.route.key,
                 properties,
+                headers,
+                &message.body,
             )
-            .await
-            .map_err(classify)?;
+            .await?;
         Ok(confirm.map(confirmed as fn(_) -> _))
     }
 
@@ -420,11 +389,7 @@ impl BrokerSession for AmqpSession {
             std::future::poll_fn(|cx| self.take(cx)).await;
         }
         let delivery = self.taken.pop_front()?;
-        Some(
-            delivery
-                .map_err(classify)
-                .map(|d| delivery_of(d, !self.acks)),
-        )
+        Some(delivery.map(|d| delivery_of(d, !self.acks)))
     }
 
     fn acks(&self) -> bool {
@@ -440,26 +405,25 @@ impl BrokerSession for AmqpSession {
             return Ok(Vec::new());
         }
         // The new consumer first: the queue is auto-delete, and would go
-        // with its last consumer.
-        let acked = consume(&self.channel, &self.queue, &self.session_id, true).await?;
-        let mut fast = std::mem::replace(&mut self.consumer, acked);
+        // with its last consumer. The broker takes both in order.
+        let acked = consumer_tag(&self.session_id, true)?;
         self.channel
-            .basic_cancel(fast.tag(), BasicCancelOptions::default())
-            .await
-            .map_err(classify)?;
+            .replace_consumer(&self.queue, &acked, false, &self.consumer)
+            .await?;
+        let fast = std::mem::replace(&mut self.consumer, acked);
         // The broker sent cancel-ok after its last delivery to the old
-        // consumer, and lapin handles frames in order: all of them are in
-        // its stream now, and then its end.
+        // consumer, and the reader handles frames in order: all of them
+        // are in its queue now.
         let mut early = Vec::new();
         for delivery in self.taken.drain(..) {
-            early.push(delivery_of(delivery.map_err(classify)?, true));
+            early.push(delivery_of(delivery?, true));
         }
-        let rest = tokio::time::timeout(CLOSE_TIMEOUT, fast.by_ref().collect::<Vec<_>>())
-            .await
-            .map_err(|_| BrokerError::Unavailable("the cancelled consumer did not end".into()))?;
-        for delivery in rest {
-            early.push(delivery_of(delivery.map_err(classify)?, true));
-        }
+        early.extend(
+            self.channel
+                .drain(&fast)
+                .into_iter()
+                .map(|d| delivery_of(d, true)),
+        );
         self.acks = true;
         self.behind = false;
         // The queue shared its messages between both consumers meanwhile:
@@ -470,40 +434,36 @@ impl BrokerSession for AmqpSession {
         })
         .await;
         for delivery in self.taken.drain(..) {
-            early.push(delivery_of(delivery.map_err(classify)?, false));
+            early.push(delivery_of(delivery?, false));
         }
         early.sort_by_key(|d| d.tag);
         Ok(early)
     }
 
     async fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
-        self.channel
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(classify)
+        self.channel.ack(tag, multiple).await
     }
 
     async fn nack(&mut self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
-        let options = BasicNackOptions {
-            multiple: false,
-            requeue,
-        };
-        self.channel
-            .basic_nack(tag, options)
-            .await
-            .map_err(classify)
+        self.channel.nack(tag, requeue).await
     }
 
     async fn close(self) {
         let closing = async {
-            if self.channel.status().connected() {
+            if self.channel.is_open() {
                 if let Ok(queue) = short(&self.queue) {
+                    let delete = queue::Delete {
+                        queue,
+                        if_unused: false,
+                        if_empty: false,
+                        nowait: false,
+                    };
                     let _ = self
                         .channel
-                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .call(AMQPClass::Queue(queue::AMQPMethod::Delete(delete)))
                         .await;
                 }
-                let _ = self.channel.close(200, "session closed".into()).await;
+                let _ = self.channel.close().await;
             }
         };
         if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
@@ -513,48 +473,33 @@ impl BrokerSession for AmqpSession {
 }
 
 impl AmqpSession {
-    /// Takes everything lapin holds for the consumer, up to the backlog
+    /// Takes what the channel holds for the consumer, up to the backlog
     /// limit; ready once something was taken or the consumer ended. How
     /// many there were tells whether the session keeps up.
     fn take(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if self.taken.len() >= self.backlog_limit {
-                self.behind |= !self.acks;
-                return Poll::Ready(());
-            }
-            match self.consumer.poll_next_unpin(cx) {
-                Poll::Ready(Some(delivery)) => self.taken.push_back(delivery),
-                Poll::Ready(None) => return Poll::Ready(()),
-                Poll::Pending if self.taken.is_empty() => return Poll::Pending,
-                Poll::Pending => return Poll::Ready(()),
-            }
+        let room = self.backlog_limit.saturating_sub(self.taken.len());
+        if room == 0 {
+            return Poll::Ready(());
         }
+        let taking = self
+            .channel
+            .poll_take(cx, &self.consumer, &mut self.taken, room);
+        if self.taken.len() >= self.backlog_limit {
+            self.behind |= !self.acks;
+        }
+        taking
     }
 }
 
-fn delivery_of(delivery: lapin::message::Delivery, settled: bool) -> Delivery {
+fn delivery_of(message: Message, settled: bool) -> Delivery {
     Delivery {
-        tag: delivery.delivery_tag,
+        tag: message.delivery_tag,
         settled,
-        headers: stomp_headers_from(&delivery.properties),
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
-        redelivered: delivery.redelivered,
-        body: Bytes::from(delivery.data),
-    }
-}
-
-/// Sorts lapin's errors into the port's: a channel-level error from the
-/// broker (NOT_FOUND, ACCESS_REFUSED, PRECONDITION_FAILED…) was caused by
-/// what the client asked for; anything else means the broker is gone.
-fn classify(e: lapin::Error) -> BrokerError {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) =>
-        {
-            BrokerError::Refused(amqp.to_string())
-        }
-        _ => BrokerError::Unavailable(e.to_string()),
+        headers: stomp_headers_from(&message.properties),
+        exchange: message.exchange.to_string(),
+        routing_key: message.routing_key.to_string(),
+        redelivered: message.redelivered,
+        body: message.body,
     }
 }
 
@@ -568,8 +513,7 @@ fn short(s: &str) -> Result<ShortString, BrokerError> {
 /// repeated headers wins, as in STOMP.
 fn properties_from_stomp(
     headers: &[(String, String)],
-    stamp: u64,
-) -> Result<BasicProperties, BrokerError> {
+) -> Result<(BasicProperties, FieldTable), BrokerError> {
     fn invalid(name: &str, value: &str, expected: &str) -> BrokerError {
         BrokerError::Invalid(format!("header {name}:{value} is not {expected}"))
     }
@@ -611,15 +555,7 @@ fn properties_from_stomp(
             }
         };
     }
-    table.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(stamp as i64));
-    Ok(properties.with_headers(table))
-}
-
-fn stamp_of(properties: &BasicProperties) -> Option<u64> {
-    match properties.headers().as_ref()?.inner().get(STAMP_HEADER)? {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        _ => None,
-    }
+    Ok((properties, table))
 }
 
 /// AMQP properties and headers → STOMP headers on MESSAGE, the reverse of

@@ -7,6 +7,7 @@
 //! sessions.
 
 pub mod amqp;
+pub mod client;
 
 use std::future::Future;
 
@@ -49,17 +50,6 @@ pub enum Confirmed {
     Unroutable,
 }
 
-/// A publish's confirm as the broker reports it. A returned (unroutable)
-/// message may be reported along with another publish's confirm (lapin
-/// hands each return to whichever confirm completes next), so a confirm
-/// names the stamp of the return it carries, if any, and the session works
-/// out which of its publishes were returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Acked {
-    /// The stamp (see [`BrokerSession::publish`]) of a returned message.
-    pub carried_return: Option<u64>,
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// No connection to the broker, or it was lost.
@@ -99,7 +89,7 @@ pub trait Broker: Clone + Send + Sync + 'static {
 /// One STOMP session's private queue and the channel that serves it.
 pub trait BrokerSession: Send + 'static {
     /// Resolves when the broker confirms a publish.
-    type Confirm: Future<Output = Result<Acked, BrokerError>> + Send + Unpin + 'static;
+    type Confirm: Future<Output = Result<Confirmed, BrokerError>> + Send + Unpin + 'static;
 
     fn queue_name(&self) -> &str;
 
@@ -108,12 +98,10 @@ pub trait BrokerSession: Send + 'static {
     fn unbind(&mut self, route: &Route) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Sends the message and returns the pending confirm. The message is
-    /// published `mandatory`, so an unroutable one comes back, recognisable
-    /// by `stamp` (unique among the session's publishes).
+    /// published `mandatory`: the confirm says whether any queue took it.
     fn publish(
         &mut self,
         message: &Publish,
-        stamp: u64,
     ) -> impl Future<Output = Result<Self::Confirm, BrokerError>> + Send;
 
     /// The next delivery; `None` once the consumer has ended.
