@@ -140,3 +140,42 @@ async fn interleaved_routed_and_unroutable_sends_each_get_their_own_answer() {
     writer.disconnect().await;
     gw.stop().await;
 }
+
+/// Headers too large for one AMQP frame get the sender an ERROR; they
+/// are never sent, as the broker would close the connection that every
+/// other session on it shares.
+#[tokio::test]
+async fn headers_larger_than_an_amqp_frame_are_refused_alone() {
+    let gw = Gateway::start_with(|c| {
+        c.stomp.max_header_bytes = 1 << 20;
+        c.stomp.max_frame_bytes = 2 << 20;
+    })
+    .await;
+    let dest = format!("/topic/{}", unique("hdr"));
+    let (mut bystander, _) = Client::connect(&gw).await;
+    bystander.subscribe("s", &dest).await;
+    let (mut sender, _) = Client::connect(&gw).await;
+    let huge = "h".repeat(200 * 1024);
+    sender
+        .send_frame(
+            &Frame::new("SEND")
+                .header("destination", dest.as_str())
+                .header("x-huge", huge.as_str())
+                .body(Bytes::from_static(b"never")),
+        )
+        .await;
+    let error = sender.expect_error().await;
+    assert!(
+        body_text(&error).contains("do not fit in one AMQP frame"),
+        "{error:?}"
+    );
+
+    // The shared AMQP connection lived on.
+    let (receipt, message) = bystander.send_to_self(&dest, "still served").await;
+    assert_eq!(receipt.get("routed"), Some("true"));
+    assert_eq!(body_text(&message), "still served");
+    let metrics = scrape(&gw).await;
+    assert_eq!(metrics["stompgate_broker_connections_opened_total"], 1.0);
+    bystander.disconnect().await;
+    gw.stop().await;
+}

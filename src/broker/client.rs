@@ -11,8 +11,8 @@
 //! client's on the runtime's own threads.
 //!
 //! Only what the gateway uses is here: PLAIN login, heart-beats, channels
-//! with synchronous methods one at a time, publisher confirms with
-//! `mandatory` returns, and consumers. amq-protocol (lapin's own codec)
+//! with synchronous methods, publisher confirms with `mandatory` returns,
+//! and consumers. amq-protocol (lapin's own codec)
 //! parses and encodes the methods and properties; the few hot frames
 //! (publish, ack, nack, bodies) are encoded by hand.
 
@@ -769,13 +769,16 @@ impl Channel {
         let seq = state.next_seq;
         headers.insert(STAMP_HEADER.into(), AMQPValue::LongLongInt(seq as i64));
         let properties = properties.with_headers(headers);
+        let mut too_large = false;
         inner.send(|o| {
+            let start = o.bytes.len();
             o.raw_method(id, 40, |b| {
                 b.put_u16(0);
                 put_short_string(b, exchange);
                 put_short_string(b, routing_key);
                 b.put_u8(1); // mandatory
             });
+            let header_at = o.bytes.len();
             o.frame(&AMQPFrame::Header(
                 id,
                 AMQPContentHeader {
@@ -784,6 +787,12 @@ impl Channel {
                     properties,
                 },
             ));
+            // The broker would close the whole connection for it.
+            if o.bytes.len() - header_at > inner.frame_max {
+                o.bytes.truncate(start);
+                too_large = true;
+                return;
+            }
             let chunk = inner.frame_max - FRAME_HEAD - 1;
             for part in body.chunks(chunk) {
                 let b = &mut o.bytes;
@@ -795,6 +804,12 @@ impl Channel {
                 b.put_u8(FRAME_END);
             }
         })?;
+        if too_large {
+            return Err(BrokerError::Invalid(format!(
+                "the headers do not fit in one AMQP frame ({} bytes)",
+                inner.frame_max
+            )));
+        }
         state.next_seq += 1;
         state.confirms.push_back(Pending { seq, done });
         Ok(confirmed)
