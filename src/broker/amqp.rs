@@ -129,10 +129,12 @@ impl AmqpBroker {
     /// A connection for one more session: the first live one held that
     /// carries fewer than `amqp.sessions_per_connection`, else a new one
     /// one (or, past `amqp.pool_size` per broker, the least loaded).
-    /// Packing sessions onto the fewest connections keeps the broker's
-    /// fan-out in few writes: with lapin, whose every connection had an I/O
-    /// thread, a fan-out spread over two cost 15–20% more CPU per delivery.
-    /// Returns the session's share of the load.
+    /// Packing sessions onto the fewest connections was measured with
+    /// lapin, whose every connection had an I/O thread: a fan-out spread
+    /// over two cost 15–20% more CPU per delivery. With this client's
+    /// tasks, 100 sessions per connection instead of 1000 changed neither
+    /// CPU nor latency at 1000 subscribers. Returns the session's share of
+    /// the load.
     async fn share(&self) -> Result<(Connection, Arc<()>), BrokerError> {
         let mut held = self.held.lock().await;
         held.retain(|h| h.connection.is_open());
