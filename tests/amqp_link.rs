@@ -179,3 +179,32 @@ async fn headers_larger_than_an_amqp_frame_are_refused_alone() {
     bystander.disconnect().await;
     gw.stop().await;
 }
+
+/// The broker's refusal during the handshake (wrong password, unknown
+/// virtual host) comes back with RabbitMQ's reason, and the gateway is
+/// not ready while it lasts.
+#[tokio::test]
+async fn a_refused_login_says_why() {
+    require_rabbitmq().await;
+    let refused = |url: String| async move {
+        match stompgate::broker::client::Connection::open(&url, "stompgate login test").await {
+            Ok(_) => panic!("{url}: the broker let us in"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let wrong_password = refused(AMQP_URL.replace("guest:guest", "guest:wrong")).await;
+    assert!(
+        wrong_password.contains("ACCESS_REFUSED"),
+        "{wrong_password}"
+    );
+    let no_vhost = refused(AMQP_URL.replace("%2f", &unique("novhost"))).await;
+    assert!(no_vhost.contains("NOT_ALLOWED"), "{no_vhost}");
+
+    let gw = Gateway::start_with(|c| {
+        c.amqp.url = AMQP_URL.replace("guest:guest", "guest:wrong");
+    })
+    .await;
+    let readyz = reqwest::get(gw.http_url("/readyz")).await.unwrap();
+    assert_eq!(readyz.status(), 503);
+    gw.stop().await;
+}

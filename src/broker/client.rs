@@ -1010,6 +1010,8 @@ async fn handshake(
         "consumer_cancel_notify",
         "basic.nack",
         "connection.blocked",
+        // Without it RabbitMQ drops a failed login without saying why.
+        "authentication_failure_close",
     ] {
         capabilities.insert(capability.into(), AMQPValue::Boolean(true));
     }
