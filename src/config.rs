@@ -103,6 +103,7 @@ pub struct AmqpConfig {
     pub allowed_exchanges: Vec<String>,
     pub exchange: String,
     pub prefetch: u16,
+    pub no_ack_max_body: usize,
     pub pool_size: usize,
     pub sessions_per_connection: usize,
     #[serde(with = "humantime_serde")]

@@ -32,7 +32,8 @@ pub struct Metrics {
     /// Deliveries returned to their queue by a client's NACK.
     pub deliveries_requeued: IntCounter,
     /// Sessions moved from unacknowledged consumption to acks and a
-    /// prefetch, by why: `client_ack`, `backlog` or `slow_socket`.
+    /// prefetch, by why: `client_ack`, `backlog`, `slow_socket` or
+    /// `large_message`.
     pub acked_consumption: IntCounterVec,
     pub errors: IntCounterVec,
     /// Refusals by the config key of the limit or rule that refused.

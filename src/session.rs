@@ -802,7 +802,7 @@ impl<B: Broker> Session<B> {
                 delivery = next_delivery(&mut self.broker) => {
                     let error = match delivery {
                         Some(Ok(delivery)) => {
-                            let delivered = match self.slowing().await {
+                            let delivered = match self.slowing_for(delivery.body.len()).await {
                                 Ok(Some(reason)) => self.require_acks(reason, Some(delivery)).await,
                                 Ok(None) => self.deliver(delivery).await,
                                 Err(end) => Err(end),
@@ -1367,11 +1367,22 @@ impl<B: Broker> Session<B> {
     /// the client. Either way deliveries would pile up in the gateway,
     /// where nothing bounds them; with acks RabbitMQ holds them.
     async fn slowing(&mut self) -> Result<Option<&'static str>, End> {
+        self.slowing_for(0).await
+    }
+
+    /// [`Session::slowing`], for a delivery of `body` bytes: one larger
+    /// than `amqp.no_ack_max_body` moves the session to acks too, as a
+    /// session that must slow down can find a few hundred deliveries
+    /// already on their way without acks.
+    async fn slowing_for(&mut self, body: usize) -> Result<Option<&'static str>, End> {
         let Some(broker) = self.broker.as_ref().filter(|b| !b.acks()) else {
             return Ok(None);
         };
         if broker.behind() {
             return Ok(Some("backlog"));
+        }
+        if body > self.config.amqp.no_ack_max_body {
+            return Ok(Some("large_message"));
         }
         Ok(self.conn.backed_up().await?.then_some("slow_socket"))
     }

@@ -62,6 +62,14 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
+    // 64 KiB messages are past amqp.no_ack_max_body: both subscribers on
+    // this node consume with acks, so the prefetch bounds what they hold.
+    let metrics = common::scrape(&gw).await;
+    assert_eq!(
+        metrics[r#"stompgate_acked_consumption_total{reason="large_message"}"#],
+        2.0
+    );
+
     // When it reads again it gets everything, in order: nothing was lost.
     for i in 0..count {
         let message = stalled.recv_message().await;
