@@ -195,7 +195,10 @@ async fn a_client_ack_subscription_moves_the_session_to_acks_losing_nothing() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_leaves_the_backlog_in_rabbitmq() {
-    let gw = Gateway::start().await;
+    const SIZE: usize = 16 * 1024;
+    // Messages this size stay on the fast path: the test is about what
+    // stops it for a reader that stalls, not about large messages.
+    let gw = Gateway::start_with(|c| c.amqp.no_ack_max_body = SIZE).await;
     let key = unique("stalled");
     let (mut reader, session) = Client::connect(&gw).await;
     reader.subscribe("s", &format!("/topic/{key}")).await;
@@ -203,7 +206,6 @@ async fn a_client_that_stops_reading_leaves_the_backlog_in_rabbitmq() {
     let (_connection, channel) = confirming_channel().await;
     // The reader reads nothing: once the socket's buffers are full the
     // session must stop taking deliveries without acks.
-    const SIZE: usize = 16 * 1024;
     let deadline = tokio::time::Instant::now() + WAIT * 3;
     let mut sent = 0;
     while moved_to_acks(&gw).await == 0.0 {
@@ -233,6 +235,20 @@ async fn a_client_that_stops_reading_leaves_the_backlog_in_rabbitmq() {
         "RabbitMQ holds none of what the stalled client has not read"
     );
     assert_eq!(consumers_ack_required(&queue).await, vec![true]);
+    let metrics = scrape(&gw).await;
+    let moved_by = |reason: &str| {
+        metrics
+            .get(&format!(
+                r#"stompgate_acked_consumption_total{{reason="{reason}"}}"#
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        moved_by("slow_socket") + moved_by("backlog"),
+        1.0,
+        "moved to acks for another reason: {metrics:?}"
+    );
     for n in 0..sent {
         let message = reader.recv_message().await;
         assert_eq!(number_of(&message), n, "lost, repeated or out of order");
