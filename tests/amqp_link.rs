@@ -63,32 +63,13 @@ async fn a_body_larger_than_an_amqp_frame_arrives_whole() {
     let body: String = (0..1_048_576u32)
         .map(|i| char::from(b'a' + ((i / 7 + i / 131_072) % 26) as u8))
         .collect();
-    let receipt = unique("r");
-    client
-        .send_frame(
-            &Frame::new("SEND")
-                .header("destination", dest.as_str())
-                .header("receipt", receipt.as_str())
-                .body(Bytes::copy_from_slice(body.as_bytes())),
-        )
-        .await;
-    let mut message = None;
-    let mut confirmed = None;
-    while message.is_none() || confirmed.is_none() {
-        let frame = client.recv().await;
-        match frame.command.as_str() {
-            "MESSAGE" => message = Some(frame),
-            "RECEIPT" => confirmed = Some(frame),
-            other => panic!("unexpected {other}: {frame:?}"),
-        }
-    }
-    let message = message.unwrap();
+    let (receipt, message) = client.send_to_self(&dest, &body).await;
     assert_eq!(message.body.len(), body.len());
     assert!(
         message.body == body.as_bytes(),
         "the body came back changed"
     );
-    assert_eq!(confirmed.unwrap().get("routed"), Some("true"));
+    assert_eq!(receipt.get("routed"), Some("true"));
     client.disconnect().await;
     gw.stop().await;
 }

@@ -4,7 +4,7 @@
 //! OS thread of its own, so each delivery and each publish crossed from that
 //! thread to a session's task and back. At partial load both sleep between
 //! messages, and a profile of the gateway at 500 msg/s spent a fifth of its
-//! samples switching between them (BENCHMARKS.md). Here a connection is two
+//! samples switching between them. Here a connection is two
 //! tasks on the session runtime: a reader that parses frames and hands each
 //! channel its deliveries, confirms and replies, and a writer that flushes
 //! what the sessions queued. A message goes from the broker's socket to the
