@@ -8,11 +8,12 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::{waker_ref, ArcWake, AtomicWaker};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -440,7 +441,26 @@ struct Connection {
     partial_since: Option<Instant>,
     /// Bytes written since the last flush (still in the socket's buffer).
     unflushed: usize,
+    read_ready: Arc<ReadReady>,
     metrics: Arc<Metrics>,
+}
+
+/// Whether the socket may have something to read. The session's loop
+/// polls for client frames on every turn, that is for every delivery, and
+/// tungstenite zero-fills its read buffer on every attempt: that was a
+/// third of the gateway's instructions in a fan-out. So the socket is read
+/// again only once the waker given to the last read that found nothing
+/// has fired.
+struct ReadReady {
+    ready: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for ReadReady {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.ready.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
 }
 
 /// What the client side produced: a message's worth of bytes, or its end.
@@ -465,8 +485,31 @@ impl Connection {
             last_read: Instant::now(),
             partial_since: None,
             unflushed: 0,
+            read_ready: Arc::new(ReadReady {
+                ready: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
             metrics,
         }
+    }
+
+    /// The socket's next message, read only when it may have one (see
+    /// [`ReadReady`]).
+    fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, websocket::Error>>> {
+        self.read_ready.task.register(cx.waker());
+        if !self.read_ready.ready.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(&self.read_ready);
+        let polled = self.ws.poll_next_unpin(&mut Context::from_waker(&waker));
+        if polled.is_ready() {
+            // More may wait in tungstenite's buffer, with no wake to come.
+            self.read_ready.ready.store(true, Ordering::Release);
+        }
+        polled
     }
 
     /// Reads until the first frame; it must be CONNECT or STOMP.
@@ -501,7 +544,7 @@ impl Connection {
     /// One WebSocket message into the decoder. Cancel-safe: `next()` on
     /// the socket loses nothing when dropped.
     async fn read(&mut self) -> Inbound {
-        match self.ws.next().await {
+        match std::future::poll_fn(|cx| self.poll_message(cx)).await {
             Some(Ok(message)) => {
                 self.last_read = Instant::now();
                 if message.is_close() {
