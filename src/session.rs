@@ -27,7 +27,7 @@ use crate::destination::{topic_matches, Destination, DestinationError, Route, Us
 use crate::limits::{PublishRate, Refusal};
 use crate::metrics::{command_label, Metrics};
 use crate::stomp::command::{self, AckMode, ClientCommand, CommandError, Connect, Version};
-use crate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
+use crate::stomp::frame::{encode, Decoder, Frame, FrameError, FrameWriter, Limits};
 use crate::websocket::{self, Message, WebSocket};
 
 /// After our close frame, how long the peer gets to answer it. Reading
@@ -442,6 +442,8 @@ struct Connection {
     /// Bytes written since the last flush (still in the socket's buffer).
     unflushed: usize,
     read_ready: Arc<ReadReady>,
+    /// `frames_sent{command="MESSAGE"}`, looked up once, not per delivery.
+    messages_sent: prometheus::IntCounter,
     metrics: Arc<Metrics>,
 }
 
@@ -489,6 +491,7 @@ impl Connection {
                 ready: AtomicBool::new(true),
                 task: AtomicWaker::new(),
             }),
+            messages_sent: metrics.frames_sent.with_label_values(&["MESSAGE"]),
             metrics,
         }
     }
@@ -607,7 +610,16 @@ impl Connection {
             let reason = frame.get("message").unwrap_or("unknown");
             self.metrics.errors.with_label_values(&[reason]).inc();
         }
-        let bytes = encode(frame, self.escapes);
+        self.write_bytes(encode(frame, self.escapes)).await
+    }
+
+    /// A MESSAGE, encoded by the session with [`FrameWriter`].
+    async fn write_message(&mut self, bytes: Vec<u8>) -> Result<(), End> {
+        self.messages_sent.inc();
+        self.write_bytes(bytes).await
+    }
+
+    async fn write_bytes(&mut self, bytes: Vec<u8>) -> Result<(), End> {
         let len = bytes.len();
         let message = match String::from_utf8(bytes) {
             Ok(text) => Message::text(text),
@@ -1334,6 +1346,14 @@ impl<B: Broker> Session<B> {
         // One queue receives a message once even when several bindings
         // match it, so the session fans it out to its subscriptions.
         let mut awaiting = 0;
+        let size_hint = 160
+            + delivery.routing_key.len()
+            + delivery
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 2)
+                .sum::<usize>()
+            + delivery.body.len();
         // By index: writing a MESSAGE needs `self` while a subscription is
         // borrowed, and collecting the matches would allocate per delivery.
         for index in 0..self.subscriptions.len() {
@@ -1346,34 +1366,34 @@ impl<B: Broker> Session<B> {
             let number = self.next_message;
             self.next_message += 1;
             let subscription = &mut self.subscriptions[index];
-            let mut frame = Frame::new("MESSAGE")
-                .header("subscription", subscription.id.as_str())
-                .header("message-id", number.to_string())
-                .header(
-                    "destination",
-                    format!(
-                        "{}{}",
-                        subscription.destination.prefix, delivery.routing_key
-                    ),
-                );
+            let mut frame = FrameWriter::new("MESSAGE", self.conn.escapes, size_hint);
+            frame.header("subscription", &subscription.id);
+            frame.header_number("message-id", number);
+            frame.header_parts(
+                "destination",
+                &[&subscription.destination.prefix, &delivery.routing_key],
+            );
             if subscription.ack.needs_ack() && !delivery.settled {
-                frame = frame.header("ack", number.to_string());
+                frame.header_number("ack", number);
                 subscription.unacked.push_back(number);
                 self.unacked
                     .insert(number, (subscription.id.clone(), delivery.tag));
                 awaiting += 1;
             }
             if delivery.redelivered {
-                frame = frame.header("redelivered", "true");
+                frame.header("redelivered", "true");
             }
             if std::mem::take(&mut subscription.gap) {
                 // The first MESSAGE after a broker outage: what was
                 // published during it may not have reached this queue.
-                frame = frame.header(GAP_HEADER, "true");
+                frame.header(GAP_HEADER, "true");
             }
-            frame.headers.extend(delivery.headers.iter().cloned());
-            frame.body = delivery.body.clone();
-            self.conn.write(&frame).await?;
+            for (name, value) in &delivery.headers {
+                frame.header(name, value);
+            }
+            self.conn
+                .write_message(frame.finish(&delivery.body))
+                .await?;
             self.metrics.messages_delivered.inc();
             self.entry.messages_out.fetch_add(1, Ordering::Relaxed);
         }

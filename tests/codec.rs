@@ -1,7 +1,7 @@
 //! The STOMP 1.2 codec on its own: stream decoding edge cases, escaping,
 //! limits, and the encoder's exact bytes.
 
-use stompgate::stomp::frame::{encode, Decoder, Frame, FrameError, Limits};
+use stompgate::stomp::frame::{encode, Decoder, Frame, FrameError, FrameWriter, Limits};
 
 fn decoder() -> Decoder {
     Decoder::new(Limits {
@@ -224,6 +224,27 @@ fn encoder_golden_bytes() {
     // CONNECTED is never escaped.
     let frame = Frame::new("CONNECTED").header("server", "a:b");
     assert_eq!(encode(&frame, true), b"CONNECTED\nserver:a:b\n\n\0");
+}
+
+#[test]
+fn frame_writer_golden_bytes() {
+    // The delivery path: a value joined from parts, each escaped.
+    let mut w = FrameWriter::new("MESSAGE", true, 0);
+    w.header("subscription", "s:1");
+    w.header_number("message-id", 18_446_744_073_709_551_615);
+    w.header_parts("destination", &["/topic/", "a:b\n"]);
+    assert_eq!(
+        w.finish(b"body"),
+        b"MESSAGE\nsubscription:s\\c1\nmessage-id:18446744073709551615\n\
+          destination:/topic/a\\cb\\n\ncontent-length:4\n\nbody\0"
+    );
+    // A content-length already there is not repeated; an empty body gets none.
+    let mut w = FrameWriter::new("MESSAGE", true, 0);
+    w.header("content-length", "2");
+    assert_eq!(w.finish(b"hi"), b"MESSAGE\ncontent-length:2\n\nhi\0");
+    let mut w = FrameWriter::new("MESSAGE", false, 0);
+    w.header_parts("x", &["a\r\n", "evil:1"]);
+    assert_eq!(w.finish(b""), b"MESSAGE\nx:aevil:1\n\n\0");
 }
 
 #[test]

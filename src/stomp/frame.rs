@@ -320,17 +320,78 @@ fn unescape(s: &str) -> Result<String, FrameError> {
 }
 
 fn escape_into(out: &mut Vec<u8>, s: &str, escapes: bool) {
-    for &b in s.as_bytes() {
-        match (b, escapes) {
-            (b'\\', true) => out.extend_from_slice(b"\\\\"),
-            (b'\n', true) => out.extend_from_slice(b"\\n"),
-            (b'\r', true) => out.extend_from_slice(b"\\r"),
-            (b':', true) => out.extend_from_slice(b"\\c"),
+    let bytes = s.as_bytes();
+    // Runs of plain bytes are copied whole; most values have no escapes.
+    let mut plain = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let replacement: &[u8] = match (b, escapes) {
+            (b'\\', true) => b"\\\\",
+            (b'\n', true) => b"\\n",
+            (b'\r', true) => b"\\r",
+            (b':', true) => b"\\c",
             // Without escaping (STOMP 1.0, CONNECTED) a line break would
             // end the header and let a value inject headers: drop it.
-            (b'\n' | b'\r', false) => {}
-            _ => out.push(b),
+            (b'\n' | b'\r', false) => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[plain..i]);
+        out.extend_from_slice(replacement);
+        plain = i + 1;
+    }
+    out.extend_from_slice(&bytes[plain..]);
+}
+
+/// Encodes a server frame header by header, straight into its bytes: the
+/// path of every delivery, which builds no [`Frame`].
+pub struct FrameWriter {
+    out: Vec<u8>,
+    escapes: bool,
+    has_length: bool,
+}
+
+impl FrameWriter {
+    /// `capacity`: the bytes expected, body included, so that the buffer
+    /// is allocated once.
+    pub fn new(command: &str, escapes: bool, capacity: usize) -> FrameWriter {
+        let mut out = Vec::with_capacity(capacity + 24);
+        out.extend_from_slice(command.as_bytes());
+        out.push(b'\n');
+        FrameWriter {
+            out,
+            escapes,
+            has_length: false,
         }
+    }
+
+    /// A header whose value is `parts` joined.
+    pub fn header_parts(&mut self, name: &str, parts: &[&str]) {
+        self.has_length |= name == "content-length";
+        escape_into(&mut self.out, name, self.escapes);
+        self.out.push(b':');
+        for part in parts {
+            escape_into(&mut self.out, part, self.escapes);
+        }
+        self.out.push(b'\n');
+    }
+
+    pub fn header(&mut self, name: &str, value: &str) {
+        self.header_parts(name, &[value]);
+    }
+
+    pub fn header_number(&mut self, name: &str, value: u64) {
+        self.header(name, itoa::Buffer::new().format(value));
+    }
+
+    /// The frame's bytes: `content-length` is added for a non-empty body
+    /// that does not carry one.
+    pub fn finish(mut self, body: &[u8]) -> Vec<u8> {
+        if !body.is_empty() && !self.has_length {
+            self.header_number("content-length", body.len() as u64);
+        }
+        self.out.push(b'\n');
+        self.out.extend_from_slice(body);
+        self.out.push(0);
+        self.out
     }
 }
 
@@ -339,26 +400,11 @@ fn escape_into(out: &mut Vec<u8>, s: &str, escapes: bool) {
 /// CONNECTED is never escaped, as STOMP 1.2 requires.
 pub fn encode(frame: &Frame, escapes: bool) -> Vec<u8> {
     let escapes = escapes && frame.command != "CONNECTED";
-    let mut out = Vec::with_capacity(frame.wire_len() + 24);
-    out.extend_from_slice(frame.command.as_bytes());
-    out.push(b'\n');
-    let mut has_length = false;
+    let mut out = FrameWriter::new(&frame.command, escapes, frame.wire_len());
     for (name, value) in &frame.headers {
-        has_length |= name == "content-length";
-        escape_into(&mut out, name, escapes);
-        out.push(b':');
-        escape_into(&mut out, value, escapes);
-        out.push(b'\n');
+        out.header(name, value);
     }
-    if !frame.body.is_empty() && !has_length {
-        out.extend_from_slice(b"content-length:");
-        out.extend_from_slice(frame.body.len().to_string().as_bytes());
-        out.push(b'\n');
-    }
-    out.push(b'\n');
-    out.extend_from_slice(&frame.body);
-    out.push(0);
-    out
+    out.finish(&frame.body)
 }
 
 #[cfg(test)]
