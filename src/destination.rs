@@ -119,6 +119,10 @@ impl Destination {
 /// Dynamic programming over words, so a pattern with many `#` stays linear
 /// in (pattern words × key words) instead of backtracking exponentially.
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
+    // The common case, checked for every delivery: no wildcard at all.
+    if !pattern.split('.').any(|word| word == "*" || word == "#") {
+        return pattern == routing_key;
+    }
     // As RabbitMQ splits them: the empty key has no words (not one empty
     // word), so `#` matches it and `*` does not.
     fn words(s: &str) -> Vec<&str> {
@@ -179,6 +183,10 @@ mod tests {
             ("a.*.b", "a..b", true),
             ("news.*", "news.sport", true),
             ("news.*", "news.sport.football", false),
+            // Only whole words are wildcards.
+            ("a*.b", "a*.b", true),
+            ("a*", "ab", false),
+            ("a.#x", "a.b", false),
         ];
         for (pattern, key, expected) in cases {
             assert_eq!(topic_matches(pattern, key), expected, "{pattern} vs {key}");

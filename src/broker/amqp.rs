@@ -498,8 +498,8 @@ fn delivery_of(message: Message, settled: bool) -> Delivery {
         tag: message.delivery_tag,
         settled,
         headers: stomp_headers_from(&message.properties),
-        exchange: message.exchange.to_string(),
-        routing_key: message.routing_key.to_string(),
+        exchange: message.exchange.into(),
+        routing_key: message.routing_key.into(),
         redelivered: message.redelivered,
         body: message.body,
     }
