@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{BrokerError, Confirmed};
+use super::{wire, BrokerError, Confirmed};
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -924,16 +924,18 @@ fn parse_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<Frame>, St
     buf.advance(1);
     let malformed = |e| format!("a malformed frame: {e:?}");
     Ok(Some(match kind {
-        FRAME_METHOD => {
-            let (_, method) =
-                amq_protocol::protocol::parse_class(&payload[..]).map_err(malformed)?;
-            Frame::Method(channel, method)
-        }
-        FRAME_HEADER => {
-            let (_, header) = amq_protocol::frame::parsing::parse_content_header(&payload[..])
-                .map_err(malformed)?;
-            Frame::Header(channel, header)
-        }
+        FRAME_METHOD => match wire::deliver(&payload) {
+            Some(deliver) => Frame::Method(
+                channel,
+                AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver?)),
+            ),
+            None => {
+                let (_, method) =
+                    amq_protocol::protocol::parse_class(&payload[..]).map_err(malformed)?;
+                Frame::Method(channel, method)
+            }
+        },
+        FRAME_HEADER => Frame::Header(channel, wire::content_header(&payload)?),
         FRAME_BODY => Frame::Body(channel, payload.freeze()),
         FRAME_HEARTBEAT => Frame::Heartbeat,
         other => return Err(format!("a frame of unknown type {other}")),

@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod client;
+mod wire;
 
 use std::future::Future;
 
