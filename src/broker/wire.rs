@@ -13,17 +13,8 @@ use amq_protocol::types::{
 
 /// `basic.deliver` (class 60, method 60), if that is what `payload` holds.
 pub fn deliver(payload: &[u8]) -> Option<Result<basic::Deliver, String>> {
-    let rest = payload.strip_prefix(&[0, 60, 0, 60])?;
-    let mut r = Reader(rest);
-    Some((|| {
-        Ok(basic::Deliver {
-            consumer_tag: r.short_string()?,
-            delivery_tag: r.u64()?,
-            redelivered: r.u8()? & 1 != 0,
-            exchange: r.short_string()?,
-            routing_key: r.short_string()?,
-        })
-    })())
+    let arguments = payload.strip_prefix(&[0, 60, 0, 60])?;
+    Some(Reader(arguments).deliver())
 }
 
 /// A content header frame's payload. Like amq-protocol, it reads one word
@@ -115,6 +106,16 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn deliver(&mut self) -> Result<basic::Deliver, String> {
+        Ok(basic::Deliver {
+            consumer_tag: self.short_string()?,
+            delivery_tag: self.u64()?,
+            redelivered: self.u8()? & 1 != 0,
+            exchange: self.short_string()?,
+            routing_key: self.short_string()?,
+        })
     }
 
     fn long_bytes(&mut self) -> Result<&'a [u8], String> {
