@@ -207,6 +207,21 @@ async fn escaped_headers_and_korean_text() {
         message.get("content-type"),
         Some("text/plain;charset=utf-8")
     );
+    // Nothing else: the stamp the gateway puts on each publish (to match
+    // returns) stays behind, and no header comes twice.
+    let mut names: Vec<&str> = message.headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "content-length",
+            "content-type",
+            "destination",
+            "message-id",
+            "subscription",
+            "x-note"
+        ]
+    );
     assert_eq!(reader.kinds.last(), Some(&"text"));
     reader.disconnect().await;
     writer.disconnect().await;
