@@ -110,6 +110,27 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// AMQP heart-beat asked of the broker unless the URL sets one.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Longest wait for the broker's reply to a channel, queue or binding
+    /// method.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    pub tls: AmqpTlsConfig,
+}
+
+/// What `amqps://` trusts and shows, beyond the system's CA certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpTlsConfig {
+    /// PEM file of CA certificates trusted for the broker (a private CA);
+    /// empty: the system's.
+    pub ca_file: String,
+    /// PEM client certificate chain and its key, for brokers that ask for
+    /// one (`ssl_options.fail_if_no_peer_cert`); both or neither.
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 /// What RabbitMQ does when a session's queue is full (`x-overflow`).
@@ -254,6 +275,7 @@ impl Config {
             ("stomp.frame_timeout", s.frame_timeout),
             ("amqp.connect_timeout", self.amqp.connect_timeout),
             ("amqp.publish_timeout", self.amqp.publish_timeout),
+            ("amqp.call_timeout", self.amqp.call_timeout),
             ("amqp.reconnect_min", self.amqp.reconnect_min),
         ] {
             if value.is_zero() {
@@ -271,6 +293,15 @@ impl Config {
                 "server.allowed_origins",
                 "empty: no browser could connect; use [\"*\"] to allow all",
             ));
+        }
+        if self.amqp.heartbeat > Duration::from_secs(u64::from(u16::MAX)) {
+            return Err(invalid("amqp.heartbeat", "must be at most 65535s"));
+        }
+        if self.amqp.heartbeat.subsec_nanos() != 0 {
+            return Err(invalid("amqp.heartbeat", "AMQP counts it in whole seconds"));
+        }
+        if let Err(reason) = crate::tls::amqp_client_config(&self.amqp.tls) {
+            return Err(invalid("amqp.tls", reason));
         }
         if let Err(reason) = crate::tls::server_config(&self.server.tls) {
             return Err(invalid("server.tls", reason));

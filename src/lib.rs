@@ -19,8 +19,10 @@
 //! - [`session`]: one task per WebSocket, from CONNECT to close.
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
-//! - [`broker`]: the port the session talks to, its RabbitMQ adapter, and
-//!   the AMQP client under it, which runs on the sessions' own runtime.
+//! - [`broker`]: the port the session talks to, its RabbitMQ adapter
+//!   (`broker::amqp`), and under that the AMQP client (`broker::amqp::client`,
+//!   with its hand-read frames in `broker::amqp::wire`), which runs on the
+//!   sessions' own runtime.
 //! - [`metrics`] and [`admin`]: what operators see (`/metrics`, `/admin/sessions`).
 
 pub mod admin;

@@ -48,6 +48,15 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     /// Sessions whose queue was restored after a broker outage.
     pub sessions_recovered: IntCounter,
+    /// 1 while the broker blocks publishing on a connection (a resource
+    /// alarm), 0 otherwise.
+    pub broker_blocked: IntGauge,
+    /// Attempts to open an AMQP connection that failed.
+    pub broker_connect_failures: IntCounter,
+    /// Deliveries with strings that were not UTF-8, delivered without them.
+    pub broker_lenient_deliveries: IntCounter,
+    /// SENDs the broker refused to take (`basic.nack`).
+    pub messages_nacked: IntCounter,
 }
 
 /// Label value for frames: the command when it is a STOMP one, else a
@@ -192,12 +201,32 @@ impl Metrics {
             broker_reconnects: counter(
                 r,
                 "broker_reconnects_total",
-                "AMQP connections opened after the broker had been lost",
+                "AMQP connections opened after one was lost (the broker or the network ended it)",
             )?,
             sessions_recovered: counter(
                 r,
                 "sessions_recovered_total",
                 "Sessions whose queue, bindings and consumer were restored after a broker outage",
+            )?,
+            broker_blocked: gauge(
+                r,
+                "broker_blocked",
+                "1 while the broker blocks publishing on a connection (connection.blocked)",
+            )?,
+            broker_connect_failures: counter(
+                r,
+                "broker_connect_failures_total",
+                "Attempts to open an AMQP connection that failed (each is logged, rate-limited)",
+            )?,
+            broker_lenient_deliveries: counter(
+                r,
+                "broker_lenient_deliveries_total",
+                "Deliveries or returns with strings that were not UTF-8, passed on without them",
+            )?,
+            messages_nacked: counter(
+                r,
+                "messages_nacked_total",
+                "SENDs the broker refused to take (basic.nack), reported on their RECEIPT",
             )?,
             registry,
         })

@@ -14,7 +14,7 @@ use warp::{Filter, Rejection};
 
 use crate::admin;
 use crate::auth::Auth;
-use crate::broker::Broker;
+use crate::broker::{Broker, Readiness};
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -64,13 +64,22 @@ pub fn routes<B: Broker>(
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state.clone())
-        .then(|state: Arc<State<B>>| async move {
+        .map(|state: Arc<State<B>>| {
             if state.shutdown.is_cancelled() {
-                reply::with_status("shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
-            } else if state.broker.ready().await {
-                reply::with_status("ready\n", StatusCode::OK)
-            } else {
-                reply::with_status("broker unavailable\n", StatusCode::SERVICE_UNAVAILABLE)
+                return reply::with_status("shutting down\n", StatusCode::SERVICE_UNAVAILABLE)
+                    .into_response();
+            }
+            // State, not a probe: answers at once even while the broker hangs.
+            match state.broker.readiness() {
+                Readiness::Ready => reply::with_status("ready\n".to_owned(), StatusCode::OK),
+                Readiness::Starting => reply::with_status(
+                    "connecting to the broker\n".to_owned(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                ),
+                Readiness::Unavailable(why) => reply::with_status(
+                    format!("broker unavailable: {why}\n"),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                ),
             }
             .into_response()
         });
@@ -161,9 +170,10 @@ fn upgrade<B: Broker>(
     }
     // Sessions already open ride out a broker outage; new ones would only
     // wait for it, so they are turned away with the reason.
-    if !state.broker.is_up() {
+    // A gateway still starting lets the session's own opening connect.
+    if let Readiness::Unavailable(why) = state.broker.readiness() {
         return reply::with_status(
-            "broker unavailable: try again shortly\n",
+            format!("broker unavailable: {why}; try again shortly\n"),
             StatusCode::SERVICE_UNAVAILABLE,
         )
         .into_response();

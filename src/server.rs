@@ -174,7 +174,7 @@ async fn probe_broker<B: Broker>(broker: B, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {
-                broker.ready().await;
+                broker.probe().await;
             }
         }
     }

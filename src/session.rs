@@ -167,6 +167,10 @@ impl<C> InFlight<C> {
     }
 }
 
+/// Longest a session whose client is gone waits for the confirms of its
+/// last SENDs before it lets its channel go.
+const CLOSING_DRAIN: Duration = Duration::from_secs(1);
+
 /// Settles the oldest in-flight entry: its confirm's outcome (None for a
 /// receipt marker). Cancel-safe: the confirm stays in the queue until it
 /// resolves, and is taken out of it when it does.
@@ -197,6 +201,28 @@ async fn next_delivery<S: BrokerSession>(
 ) -> Option<Result<Delivery, BrokerError>> {
     match broker {
         Some(broker) => broker.next_delivery().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A broker session being opened, boxed so the loop can keep it across
+/// turns.
+type Opening<S> = Pin<Box<dyn Future<Output = Result<S, BrokerError>> + Send>>;
+
+/// The outcome of the reconnection attempt under way, or never when none
+/// is. Cancel-safe: the attempt stays in `opening` until it resolves.
+async fn opened<S>(opening: &mut Option<Opening<S>>) -> Result<S, BrokerError> {
+    match opening {
+        Some(opening) => opening.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when `wait` does, or never without one. Cancel-safe when
+/// `wait` is.
+async fn maybe<F: Future<Output = ()>>(wait: Option<F>) {
+    match wait {
+        Some(wait) => wait.await,
         None => std::future::pending().await,
     }
 }
@@ -347,6 +373,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         ended: None,
         reconnect_at: Instant::now(),
         reconnect_failures: 0,
+        opening: None,
         conn,
         subscriptions: Vec::new(),
         bindings: HashMap::new(),
@@ -763,6 +790,10 @@ struct Session<B: Broker> {
     /// While reconnecting: when to try next, and how many tries failed.
     reconnect_at: Instant,
     reconnect_failures: u32,
+    /// The attempt under way to open the session's queue again: polled by
+    /// the loop like any other event, so heart-beats, the client's frames
+    /// and its close go on while the broker takes its time to answer.
+    opening: Option<Opening<B::Session>>,
     conn: Connection,
     /// In SUBSCRIBE order, so a delivery matching several subscriptions
     /// produces its MESSAGE frames in a stable order.
@@ -827,9 +858,18 @@ impl<B: Broker> Session<B> {
                 .map(|f| f.since + publish_timeout);
             let frame_deadline = self.conn.partial_since.map(|t| t + frame_timeout);
             let release_acks = self.held_acks.map(|h| h.since + ACK_DELAY);
+            // A broker that reads nothing (blocked by an alarm) holds the
+            // client back rather than its SENDs piling up in the gateway.
+            let broker_writable = self.broker.as_ref().is_none_or(BrokerSession::writable);
             let reading = self.disconnecting.is_none()
                 && self.throttled_until.is_none()
-                && self.in_flight.len() < max_unconfirmed;
+                && self.in_flight.len() < max_unconfirmed
+                && broker_writable;
+            let room = self
+                .broker
+                .as_ref()
+                .filter(|_| !broker_writable)
+                .map(BrokerSession::until_writable);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -903,17 +943,25 @@ impl<B: Broker> Session<B> {
                     self.conn.finish(Some(error), CLOSE_NORMAL).await;
                     return End::Failed;
                 }
-                _ = sleep_until(self.reconnect_at), if self.broker.is_none() => {
-                    if let Err(e) = self.reconnect().await {
+                _ = sleep_until(self.reconnect_at),
+                    if self.broker.is_none() && self.opening.is_none() =>
+                {
+                    let factory = self.factory.clone();
+                    let (id, acks) = (self.id.clone(), self.acks);
+                    self.opening = Some(Box::pin(async move { factory.open(&id, acks).await }));
+                }
+                opened = opened(&mut self.opening) => {
+                    self.opening = None;
+                    if let Err(e) = self.reconnected(opened).await {
                         return self.fail(e, None).await;
                     }
                 }
+                () = maybe(room) => {}
                 _ = sleep_until(oldest_send.unwrap_or(far)), if oldest_send.is_some() => {
-                    let receipt = self.in_flight.front().and_then(|f| f.receipt.clone());
                     let error = BrokerError::Unavailable(format!(
                         "the broker did not confirm a SEND within amqp.publish_timeout ({publish_timeout:?})"
                     ));
-                    return self.fail(error.into(), receipt.as_deref()).await;
+                    return self.fail(error.into(), None).await;
                 }
                 _ = sleep_until(release_acks.unwrap_or(far)), if release_acks.is_some() => {
                     if let Err(end) = self.release_acks().await {
@@ -929,7 +977,9 @@ impl<B: Broker> Session<B> {
                         return end;
                     }
                 }
-                _ = sleep_until(silence_limit), if self.expect_every.is_some() => {
+                // Not while the client is not read: its heart-beats wait
+                // in the socket, and are read first when reading resumes.
+                _ = sleep_until(silence_limit), if self.expect_every.is_some() && reading => {
                     let detail = format!(
                         "no frame or heart-beat for {:?}, twice the negotiated period",
                         silence_limit - self.conn.last_read
@@ -979,7 +1029,8 @@ impl<B: Broker> Session<B> {
             error = why,
             "broker lost: keeping the session and reconnecting"
         );
-        broker.close().await;
+        // In the background: a broker that hangs must not hold the loop.
+        tokio::spawn(broker.close());
         for flight in &mut self.in_flight {
             flight.confirm = None;
         }
@@ -994,10 +1045,14 @@ impl<B: Broker> Session<B> {
         self.reconnect_at = Instant::now();
     }
 
-    /// One attempt to restore the session on the broker: the same queue,
-    /// its bindings, its consumer, then the unconfirmed SENDs in order.
-    async fn reconnect(&mut self) -> Result<(), SessionError> {
-        let mut broker = match self.factory.open(&self.id, self.acks).await {
+    /// An attempt to open the session's queue again came back: restore
+    /// its bindings and consumer, then the unconfirmed SENDs in order; or
+    /// plan the next attempt.
+    async fn reconnected(
+        &mut self,
+        opened: Result<B::Session, BrokerError>,
+    ) -> Result<(), SessionError> {
+        let mut broker = match opened {
             Ok(broker) => broker,
             Err(BrokerError::Unavailable(why)) => {
                 self.reconnect_failures = self.reconnect_failures.saturating_add(1);
@@ -1636,26 +1691,33 @@ impl<B: Broker> Session<B> {
         if let Some(confirmed) = confirmed {
             let routed = confirmed == Confirmed::Routed;
             frame = frame.header("routed", routed.to_string());
+            if confirmed == Confirmed::Nacked {
+                frame = frame.header("stompgate-nacked", "true");
+            }
         }
         self.keep_up().await?;
         self.conn.write(&frame).await
     }
 
     fn count_confirm(&self, confirmed: Confirmed, took: Duration) {
-        self.metrics.messages_published.inc();
-        if confirmed == Confirmed::Unroutable {
-            self.metrics.messages_unroutable.inc();
+        match confirmed {
+            Confirmed::Nacked => {
+                self.metrics.messages_nacked.inc();
+                return;
+            }
+            Confirmed::Unroutable => self.metrics.messages_unroutable.inc(),
+            Confirmed::Routed => {}
         }
+        self.metrics.messages_published.inc();
         self.metrics
             .publish_confirm_seconds
             .observe(took.as_secs_f64());
     }
 
-    /// Settles what can settle within `amqp.publish_timeout`: confirms
-    /// still on their way (with their receipts when `receipts`). SENDs held
-    /// for a broker that is away stay unconfirmed and get no receipt.
-    async fn drain(&mut self, receipts: bool) -> Result<(), End> {
-        let limit = self.config.amqp.publish_timeout;
+    /// Settles what can settle within `limit`: confirms still on their
+    /// way (with their receipts when `receipts`). SENDs held for a broker
+    /// that is away stay unconfirmed and get no receipt.
+    async fn drain(&mut self, receipts: bool, limit: Duration) -> Result<(), End> {
         let drained = timeout(limit, async {
             while self.in_flight.front().is_some_and(InFlight::settleable) {
                 let result = settle_front(&mut self.in_flight).await;
@@ -1670,29 +1732,77 @@ impl<B: Broker> Session<B> {
         drained.unwrap_or_else(|_| {
             warn!(
                 unconfirmed = self.in_flight.len(),
-                "publishes still unconfirmed after amqp.publish_timeout"
+                ?limit,
+                "publishes still unconfirmed when the session ended"
             );
             Ok(())
         })
     }
 
+    /// Ends the session with an ERROR for `error`. Every SEND still in
+    /// flight is named in it by its receipt: its outcome is unknown (the
+    /// broker may have taken it), so a client that sends it again may
+    /// deliver it twice.
     async fn fail(&mut self, error: SessionError, receipt: Option<&str>) -> End {
-        self.conn.fail(error, receipt).await
+        debug!(%error, "session failed");
+        if let Some(key) = error.limit_key() {
+            self.conn.refused(key);
+        }
+        let frame = self.with_unanswered(
+            command::error(error.summary(), &error.to_string(), None),
+            receipt,
+        );
+        self.conn.finish(Some(frame), CLOSE_NORMAL).await;
+        End::Failed
+    }
+
+    /// `frame`, an ERROR, with `receipt-id` (the frame's own `receipt`, or
+    /// the first unanswered one) and the list of SENDs whose receipts will
+    /// never come.
+    fn with_unanswered(&self, mut frame: Frame, receipt: Option<&str>) -> Frame {
+        let unanswered: Vec<&str> = self
+            .in_flight
+            .iter()
+            .filter(|f| f.message.is_some())
+            .filter_map(|f| f.receipt.as_deref())
+            .collect();
+        if let Some(id) = receipt.or(unanswered.first().copied()) {
+            frame = frame.header("receipt-id", id);
+        }
+        if unanswered.is_empty() {
+            return frame;
+        }
+        frame = frame
+            .header("stompgate-outcome", "unknown")
+            .header("stompgate-unanswered", unanswered.len().to_string());
+        let mut body = frame.body.to_vec();
+        body.extend_from_slice(
+            format!(
+                "\n\noutcome unknown: the broker may still deliver the SENDs with these receipts, \
+                 so sending them again may deliver them twice: {}\n",
+                unanswered.join(", ")
+            )
+            .as_bytes(),
+        );
+        frame.body(body)
     }
 
     /// Ends the session: the client is told why when it can still listen,
     /// in-flight publishes are confirmed, the queue and channel go.
     async fn close(mut self, end: End) {
         if let End::Shutdown = end {
-            if self.drain(true).await.is_ok() {
-                self.conn
-                    .finish(Some(shutting_down()), CLOSE_GOING_AWAY)
-                    .await;
+            let limit = self.config.amqp.publish_timeout;
+            if self.drain(true, limit).await.is_ok() {
+                let frame = self.with_unanswered(shutting_down(), None);
+                self.conn.finish(Some(frame), CLOSE_GOING_AWAY).await;
             }
         }
-        // Publishes already sent reach RabbitMQ before the channel closes;
-        // waiting here keeps their confirms from being cut off.
-        let _ = self.drain(false).await;
+        // Publishes already sent reach RabbitMQ before the channel closes
+        // (it handles a channel's frames in order); waiting a moment here
+        // lets their confirms be counted. Only a moment: the client is
+        // gone, and a sick broker must not keep its session alive.
+        let limit = self.config.amqp.publish_timeout.min(CLOSING_DRAIN);
+        let _ = self.drain(false, limit).await;
         // The queue goes with the session, but RabbitMQ (and the acked
         // count in /metrics) should know these deliveries were handed over.
         let _ = self.release_acks().await;

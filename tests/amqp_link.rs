@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use stompgate::broker::amqp::client::{Connection, Options};
 use stompgate::stomp::frame::Frame;
 
 #[tokio::test]
@@ -168,7 +169,8 @@ async fn headers_larger_than_an_amqp_frame_are_refused_alone() {
 async fn a_refused_login_says_why() {
     require_rabbitmq().await;
     let refused = |url: String| async move {
-        match stompgate::broker::client::Connection::open(&url, "stompgate login test").await {
+        let options = Options::new("stompgate login test");
+        match Connection::open(&url, &options).await {
             Ok(_) => panic!("{url}: the broker let us in"),
             Err(e) => e.to_string(),
         }
@@ -185,7 +187,316 @@ async fn a_refused_login_says_why() {
         c.amqp.url = AMQP_URL.replace("guest:guest", "guest:wrong");
     })
     .await;
-    let readyz = reqwest::get(gw.http_url("/readyz")).await.unwrap();
-    assert_eq!(readyz.status(), 503);
+    let body = common::wait_readyz_saying(&gw, 503, "ACCESS_REFUSED", WAIT).await;
+    assert!(!body.contains("wrong"), "no password in it: {body}");
     gw.stop().await;
+}
+
+/// Publishes one message to RabbitMQ over a raw AMQP connection, with a
+/// content header written by hand: what a client that does not check
+/// UTF-8 sends, and RabbitMQ passes on as it came.
+async fn raw_publish(routing_key: &str, content_header: &[u8], body: &[u8]) {
+    use amq_protocol::frame::{gen_frame, AMQPFrame, WriteContext};
+    use amq_protocol::protocol::{basic, channel, connection, AMQPClass};
+    use amq_protocol::types::{FieldTable, LongString};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn frame(frame: &AMQPFrame) -> Vec<u8> {
+        gen_frame(frame)(WriteContext::from(Vec::new()))
+            .unwrap()
+            .into_inner()
+            .0
+    }
+    fn method(channel: u16, method: AMQPClass) -> Vec<u8> {
+        frame(&AMQPFrame::Method(channel, method))
+    }
+    fn raw(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(&channel.to_be_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.push(0xCE);
+        bytes
+    }
+    /// Reads until a method frame arrives; returns it.
+    async fn read_method(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> AMQPClass {
+        loop {
+            if buf.len() >= 7 {
+                let size = u32::from_be_bytes(buf[3..7].try_into().unwrap()) as usize;
+                if buf.len() >= 8 + size {
+                    let frame: Vec<u8> = buf.drain(..8 + size).collect();
+                    if frame[0] == 1 {
+                        let payload = &frame[7..7 + size];
+                        return amq_protocol::protocol::parse_class(payload).unwrap().1;
+                    }
+                    continue;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("RabbitMQ answers")
+                .unwrap();
+            assert!(n > 0, "RabbitMQ closed the raw connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    let mut stream = tokio::net::TcpStream::connect("127.0.0.1:5672")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    read_method(&mut stream, &mut buf).await; // start
+    let start_ok = connection::StartOk {
+        client_properties: FieldTable::default(),
+        mechanism: "PLAIN".into(),
+        response: LongString::from(&b"\0guest\0guest"[..]),
+        locale: "en_US".into(),
+    };
+    stream
+        .write_all(&method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+        ))
+        .await
+        .unwrap();
+    let AMQPClass::Connection(connection::AMQPMethod::Tune(tune)) =
+        read_method(&mut stream, &mut buf).await
+    else {
+        panic!("RabbitMQ tunes the connection");
+    };
+    let tune_ok = connection::TuneOk {
+        channel_max: tune.channel_max,
+        frame_max: tune.frame_max,
+        heartbeat: 0,
+    };
+    let open = connection::Open {
+        virtual_host: "/".into(),
+    };
+    let mut out = method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+    );
+    out.extend(method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(open)),
+    ));
+    out.extend(method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    ));
+    stream.write_all(&out).await.unwrap();
+    read_method(&mut stream, &mut buf).await; // open-ok
+    read_method(&mut stream, &mut buf).await; // channel open-ok
+    let publish = basic::Publish {
+        exchange: "amq.topic".into(),
+        routing_key: routing_key.into(),
+        mandatory: false,
+        immediate: false,
+    };
+    let mut out = method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(publish)));
+    out.extend(raw(2, 1, content_header));
+    out.extend(raw(3, 1, body));
+    let close = connection::Close {
+        reply_code: 200,
+        reply_text: "done".into(),
+        class_id: 0,
+        method_id: 0,
+    };
+    out.extend(method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(close)),
+    ));
+    stream.write_all(&out).await.unwrap();
+    // close-ok: RabbitMQ handled the publish before it.
+    loop {
+        if let AMQPClass::Connection(connection::AMQPMethod::CloseOk(_)) =
+            read_method(&mut stream, &mut buf).await
+        {
+            break;
+        }
+    }
+}
+
+/// A content header with a header named `good`, one whose name is not
+/// UTF-8, and a message-id that is not UTF-8.
+fn header_with_bad_strings(body_size: u64) -> Vec<u8> {
+    let mut table = Vec::new();
+    for name in [&b"good"[..], b"bad\xff"] {
+        table.push(name.len() as u8);
+        table.extend_from_slice(name);
+        table.extend_from_slice(b"S\0\0\0\x01v");
+    }
+    let mut p = vec![0, 60, 0, 0];
+    p.extend_from_slice(&body_size.to_be_bytes());
+    p.extend_from_slice(&((1u16 << 13) | (1 << 7)).to_be_bytes());
+    p.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    p.extend_from_slice(&table);
+    p.extend_from_slice(b"\x02\xc3\x28");
+    p
+}
+
+/// A message whose header name and message-id are not UTF-8 (RabbitMQ
+/// takes it): delivered without them, counted, and the AMQP connection
+/// that every session on the node shares is not reset by it.
+#[tokio::test]
+async fn a_message_with_strings_that_are_not_utf8_is_delivered() {
+    let gw = Gateway::start().await;
+    let key = unique("odd");
+    let (mut reader, _) = Client::connect(&gw).await;
+    reader.subscribe("s", &format!("/topic/{key}")).await;
+    let (mut bystander, _) = Client::connect(&gw).await;
+    let bystander_dest = format!("/topic/{}", unique("by"));
+    bystander.subscribe("b", &bystander_dest).await;
+    let before = scrape(&gw).await;
+    for _ in 0..3 {
+        raw_publish(&key, &header_with_bad_strings(5), b"hello").await;
+    }
+    for _ in 0..3 {
+        let message = reader.recv_message().await;
+        assert_eq!(body_text(&message), "hello");
+        assert_eq!(message.get("good"), Some("v"));
+        assert!(message.get("amqp-message-id").is_none(), "{message:?}");
+    }
+    let after = scrape(&gw).await;
+    let grew = |name: &str| after.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0);
+    assert_eq!(grew("stompgate_broker_lenient_deliveries_total"), 3.0);
+    assert_eq!(
+        grew("stompgate_broker_connections_opened_total"),
+        0.0,
+        "no reset"
+    );
+    bystander.send_to_self(&bystander_dest, "still here").await;
+    reader.disconnect().await;
+    bystander.disconnect().await;
+    gw.stop().await;
+}
+
+/// A queue that refuses messages (`x-overflow: reject-publish`, full)
+/// makes RabbitMQ nack the publish: the sender gets a RECEIPT saying so,
+/// not an ERROR, and its session goes on.
+#[tokio::test]
+async fn a_nacked_send_gets_a_receipt_and_the_session_goes_on() {
+    let gw = Gateway::start().await;
+    let key = unique("nack");
+    let (_connection, channel) = amqp_channel().await;
+    let queue = unique("full");
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(0));
+    arguments.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            "amq.topic".into(),
+            key.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let (mut client, _) = Client::connect(&gw).await;
+    let receipt = client
+        .send_confirmed(&format!("/topic/{key}"), "refused")
+        .await;
+    assert_eq!(receipt.get("stompgate-nacked"), Some("true"), "{receipt:?}");
+    assert_eq!(receipt.get("routed"), Some("false"));
+    let mine = format!("/topic/{}", unique("mine"));
+    client.subscribe("s", &mine).await;
+    client.send_to_self(&mine, "and the session goes on").await;
+    assert_eq!(
+        scrape(&gw).await.get("stompgate_messages_nacked_total"),
+        Some(&1.0)
+    );
+    client.disconnect().await;
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    gw.stop().await;
+}
+
+/// A broker that allows fewer channels per connection than
+/// amqp.sessions_per_connection: the gateway opens more connections
+/// instead of refusing sessions with "no free channel".
+#[tokio::test]
+async fn a_low_channel_max_opens_more_connections() {
+    let gw = Gateway::start_with(|c| c.amqp.url = format!("{AMQP_URL}?channel_max=2")).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let (mut client, _) = Client::connect(&gw).await;
+        let dest = format!("/topic/{}", unique(&format!("cm{i}")));
+        client.subscribe("s", &dest).await;
+        client.send_to_self(&dest, "served").await;
+        clients.push(client);
+    }
+    let opened = scrape(&gw).await["stompgate_broker_connections_opened_total"];
+    assert!(
+        opened >= 3.0,
+        "5 sessions at 2 channels each: {opened} connections"
+    );
+    for client in clients {
+        client.disconnect().await;
+    }
+    gw.stop().await;
+}
+
+/// Every way a broker connection fails is logged: the URL without its
+/// password, and the reason an operator can act on. Repeats are
+/// rate-limited (one line per 10 s, saying how many were left out).
+#[tokio::test]
+async fn failed_broker_connections_are_logged_with_the_reason() {
+    require_rabbitmq().await;
+    let cases = [
+        (
+            AMQP_URL.replace("guest:guest", "guest:s3cret"),
+            "ACCESS_REFUSED",
+        ),
+        (AMQP_URL.replace("%2f", &unique("novhost")), "NOT_ALLOWED"),
+        ("amqp://guest:s3cret@127.0.0.1:1/%2f".to_owned(), "refused"),
+        ("amqps://guest:s3cret@127.0.0.1:5672/%2f".to_owned(), "TLS"),
+    ];
+    for (i, (url, reason)) in cases.into_iter().enumerate() {
+        let node = Node::spawn(&[("STOMPGATE__AMQP__URL", url.as_str())]);
+        let line = node.wait_log("could not connect to the broker", WAIT);
+        assert!(line.contains(reason), "{url}: {line}");
+        assert!(line.contains("127.0.0.1"), "names the broker: {line}");
+        assert!(!line.contains("s3cret"), "no password in logs: {line}");
+        if i == 0 {
+            // The probe tries again every 5 s; the log does not repeat it.
+            let gw = &node.gateway;
+            wait_metric_at_least(gw, "stompgate_broker_connect_failures_total", 2.0).await;
+            assert_eq!(node.log_lines("could not connect").len(), 1);
+        }
+    }
+}
+
+/// Polls `/metrics` until `name` reaches `least`.
+async fn wait_metric_at_least(gw: &Gateway, name: &str, least: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = scrape(gw).await.get(name).copied().unwrap_or(0.0);
+        if got >= least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {got}, expected {least}+"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

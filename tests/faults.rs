@@ -11,7 +11,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{body_text, require_rabbitmq, unique, Client, Gateway, Management, Node, WAIT};
+use common::proxy::{Fault, FaultProxy};
+use common::{
+    body_text, require_rabbitmq, unique, wait_readyz, wait_readyz_saying, Client, Gateway,
+    Management, Node, WAIT,
+};
 use stompgate::stomp::frame::Frame;
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -68,28 +72,6 @@ async fn wait_management() {
             "management API not back within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn readyz(gw: &Gateway) -> u16 {
-    reqwest::get(gw.http_url("/readyz"))
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
-/// Polls until `/readyz` answers `status`.
-async fn wait_readyz(gw: &Gateway, status: u16, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if readyz(gw).await == status {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz did not answer {status} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -233,6 +215,20 @@ async fn connections_closed_by_the_broker_recover() {
     writer.send_confirmed(&dest, "later").await;
     assert_eq!(reader.recv_message().await.get("stompgate-gap"), None);
     println!("recovered after close_all_connections in {recovered:?}");
+    // The operator learns why, and the metric counts the broker's close.
+    let lost = node.wait_log("AMQP connection lost", WAIT);
+    assert!(
+        lost.contains("320") && lost.contains("CONNECTION_FORCED"),
+        "{lost}"
+    );
+    assert!(!lost.contains("guest:guest"), "no password in logs: {lost}");
+    let metrics = reqwest::get(gw.http_url("/metrics")).await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("stompgate_broker_reconnects_total ") && !l.ends_with(" 0")),
+        "a connection the broker closed counts as a reconnect"
+    );
     reader.disconnect().await;
     writer.disconnect().await;
 }
@@ -255,7 +251,7 @@ async fn broker_restart_recovers_and_confirms_held_sends() {
     let (mut reader, session) = Client::connect(gw).await;
     reader.subscribe("s", &dest).await;
     let (mut writer, _) = Client::connect(gw).await;
-    assert_eq!(readyz(gw).await, 200);
+    assert_eq!(common::readyz(gw).await.0, 200);
 
     let stopped = BrokerStopped::now();
     let outage = Instant::now();
@@ -322,8 +318,8 @@ async fn broker_restart_recovers_and_confirms_held_sends() {
     writer.disconnect().await;
 }
 
-/// A SEND the broker cannot confirm within amqp.publish_timeout gets an
-/// ERROR naming the receipt, never a RECEIPT.
+/// SENDs the broker cannot confirm within amqp.publish_timeout get an
+/// ERROR naming every receipt, never a RECEIPT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfirmable_send_gets_an_error_not_a_receipt() {
     let _turn = TURN.lock().await;
@@ -333,18 +329,19 @@ async fn unconfirmable_send_gets_an_error_not_a_receipt() {
     let (mut writer, _) = Client::connect(gw).await;
     let stopped = BrokerStopped::now();
     wait_readyz(gw, 503, WAIT).await;
-    writer
-        .send_frame(
-            &Frame::new("SEND")
-                .header("destination", format!("/topic/{}", unique("lost")))
-                .header("receipt", "never")
-                .body(&b"x"[..]),
-        )
-        .await;
+    let dest = format!("/topic/{}", unique("lost"));
+    for receipt in ["never", "nor-this", "nor-that"] {
+        writer.send_frame(&sized_send(&dest, receipt, 1)).await;
+    }
     let error = writer.expect_error().await;
     assert_eq!(error.get("message"), Some("broker unavailable"));
     assert_eq!(error.get("receipt-id"), Some("never"));
-    assert!(body_text(&error).contains("amqp.publish_timeout"));
+    // Every SEND left without an answer is named, not only the first.
+    assert_eq!(error.get("stompgate-outcome"), Some("unknown"));
+    assert_eq!(error.get("stompgate-unanswered"), Some("3"));
+    let body = body_text(&error);
+    assert!(body.contains("amqp.publish_timeout"), "{body}");
+    assert!(body.contains("never, nor-this, nor-that"), "{body}");
     stopped.restart();
     wait_readyz(gw, 200, Duration::from_secs(30)).await;
     wait_management().await;
@@ -384,4 +381,353 @@ async fn killed_node_leaves_no_queue_and_disturbs_no_one() {
     }
     reader.disconnect().await;
     writer.disconnect().await;
+}
+
+/// CONNECT asking the gateway for heart-beats every `every_ms`.
+async fn connect_with_heartbeats(gw: &Gateway, every_ms: u32) -> Client {
+    let mut client = Client::open(gw).await;
+    client
+        .handshake(
+            Frame::new("CONNECT")
+                .header("accept-version", "1.2")
+                .header("host", "/")
+                .header("heart-beat", format!("0,{every_ms}")),
+        )
+        .await;
+    client
+}
+
+/// The local broker's AMQP port, for a fault proxy to carry.
+fn broker_addr() -> std::net::SocketAddr {
+    "127.0.0.1:5672".parse().unwrap()
+}
+
+/// A SEND of `size` bytes to `destination` with receipt `receipt`.
+fn sized_send(destination: &str, receipt: &str, size: usize) -> Frame {
+    Frame::new("SEND")
+        .header("destination", destination)
+        .header("receipt", receipt)
+        .body(vec![b'x'; size])
+}
+
+/// The broker stops answering while clients publish: a black hole, no
+/// RST, the gateway's writes to it stuck. Noticed within two heart-beats
+/// plus a second; `/readyz` says 503 meanwhile; clients keep getting
+/// their heart-beats; once the network is back, sessions are served
+/// within 5 s and every SEND is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_broker_under_load_is_noticed_and_recovered() {
+    let _turn = TURN.lock().await;
+    require_rabbitmq().await;
+    let proxy = FaultProxy::start(broker_addr()).await;
+    let heartbeat = Duration::from_secs(2);
+    let gw = Gateway::start_with(|c| {
+        c.amqp.url = proxy.amqp_url("");
+        c.amqp.heartbeat = heartbeat;
+        c.amqp.publish_timeout = Duration::from_secs(60);
+        c.amqp.connect_timeout = Duration::from_secs(1);
+        c.amqp.reconnect_max = Duration::from_millis(500);
+        c.stomp.publish_rate = 100_000;
+        c.stomp.publish_burst = 100_000;
+    })
+    .await;
+    let dest = format!("/topic/{}", unique("frozen"));
+    let (mut reader, _) = Client::connect(&gw).await;
+    reader.subscribe("s", &dest).await;
+    let (mut writer, _) = Client::connect(&gw).await;
+    let mut bystander = connect_with_heartbeats(&gw, 500).await;
+    wait_readyz(&gw, 200, WAIT).await;
+
+    proxy.set(Fault::Blackhole);
+    let frozen = Instant::now();
+    // 40 × 256 KiB: more than the sockets between gateway and proxy hold.
+    let sends = 40;
+    for i in 0..sends {
+        writer
+            .send_frame(&sized_send(&dest, &format!("r{i}"), 256 << 10))
+            .await;
+    }
+    wait_readyz_saying(
+        &gw,
+        503,
+        "heart-beat",
+        heartbeat * 2 + Duration::from_secs(2),
+    )
+    .await;
+    let noticed = frozen.elapsed();
+    assert!(
+        noticed <= heartbeat * 2 + Duration::from_millis(1500),
+        "noticed after {noticed:?}, heart-beat {heartbeat:?}"
+    );
+    // The session loops are not held by the broker: heart-beats flow.
+    bystander.wait_heartbeats(4, Duration::from_secs(3)).await;
+
+    proxy.set(Fault::Pass);
+    let thawed = Instant::now();
+    wait_readyz(&gw, 200, Duration::from_secs(5)).await;
+    // Every held SEND is published again and confirmed, in order.
+    let mut routed = 0;
+    for i in 0..sends {
+        let frame = writer.next(Duration::from_secs(20)).await.expect("open");
+        assert_eq!(frame.command, "RECEIPT", "{frame:?}");
+        assert_eq!(frame.get("receipt-id"), Some(format!("r{i}").as_str()));
+        routed += usize::from(frame.get("routed") == Some("true"));
+    }
+    writer.send_confirmed(&dest, "after").await;
+    // The reader recovers on its own: it gets what reached its queue once
+    // its binding was back (routed:true), then the new one, and the first
+    // MESSAGE says some may have been missed.
+    let mut held = 0;
+    loop {
+        let message = reader.recv_message().await;
+        if held == 0 {
+            assert_eq!(message.get("stompgate-gap"), Some("true"), "{message:?}");
+        }
+        if body_text(&message) == "after" {
+            break;
+        }
+        held += 1;
+    }
+    assert_eq!(held, routed, "every routed SEND reached the reader");
+    assert!(
+        thawed.elapsed() < Duration::from_secs(30),
+        "served again {:?} after the thaw",
+        thawed.elapsed()
+    );
+    gw.stop().await;
+}
+
+/// A network fault resets every AMQP connection (RST, not a broker-side
+/// close): all 50 sessions come back on their own queues, none is closed
+/// (RabbitMQ may still hold the old exclusive queue for a moment: `405
+/// RESOURCE_LOCKED` is retried), and each one's next MESSAGE says messages
+/// may have been missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_reset_recovers_every_session() {
+    let _turn = TURN.lock().await;
+    require_rabbitmq().await;
+    let proxy = FaultProxy::start(broker_addr()).await;
+    let gw = Gateway::start_with(|c| {
+        c.amqp.url = proxy.amqp_url("");
+        c.amqp.publish_timeout = Duration::from_secs(60);
+        c.amqp.reconnect_max = Duration::from_millis(500);
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let (mut client, session) = Client::connect(&gw).await;
+        let dest = format!("/topic/{}", unique(&format!("reset{i}")));
+        client.subscribe("s", &dest).await;
+        clients.push((client, session, dest));
+    }
+    let before = common::scrape(&gw).await;
+    proxy.reset_all();
+    let mgmt = Management::new();
+    for (client, session, dest) in &mut clients {
+        wait_bound(
+            &mgmt,
+            &gw.queue_of(session),
+            &(
+                "amq.topic".to_owned(),
+                dest.trim_start_matches("/topic/").to_owned(),
+            ),
+            Duration::from_secs(30),
+        )
+        .await;
+        let (receipt, message) = client.send_to_self(dest, "back").await;
+        assert_eq!(receipt.command, "RECEIPT");
+        assert_eq!(message.get("stompgate-gap"), Some("true"), "{message:?}");
+    }
+    let after = common::scrape(&gw).await;
+    let count = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    assert_eq!(
+        count(&after, "stompgate_sessions_recovered_total")
+            - count(&before, "stompgate_sessions_recovered_total"),
+        50.0
+    );
+    assert!(
+        count(&after, "stompgate_broker_reconnects_total")
+            > count(&before, "stompgate_broker_reconnects_total"),
+        "a connection the network cut counts as a reconnect"
+    );
+    for (client, _, _) in clients {
+        client.disconnect().await;
+    }
+    gw.stop().await;
+}
+
+/// While reconnect attempts hang (the broker's address black-holed, each
+/// attempt waiting out amqp.connect_timeout), `/readyz` answers at once
+/// from state and sessions keep sending heart-beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_connects_hold_neither_readyz_nor_sessions() {
+    let _turn = TURN.lock().await;
+    require_rabbitmq().await;
+    let proxy = FaultProxy::start(broker_addr()).await;
+    let gw = Gateway::start_with(|c| {
+        c.amqp.url = proxy.amqp_url("");
+        c.amqp.connect_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(connect_with_heartbeats(&gw, 300).await);
+    }
+    wait_readyz(&gw, 200, WAIT).await;
+    proxy.set(Fault::Blackhole);
+    proxy.reset_all();
+    wait_readyz(&gw, 503, WAIT).await;
+    for _ in 0..10 {
+        let asked = Instant::now();
+        let (status, _) = common::readyz(&gw).await;
+        let took = asked.elapsed();
+        assert_eq!(status, 503);
+        // 100 ms is the design's figure; the margin is for a loaded CI box.
+        assert!(took < Duration::from_millis(500), "/readyz took {took:?}");
+    }
+    for client in &mut clients {
+        let had = client.heartbeats;
+        client
+            .wait_heartbeats(had + 5, Duration::from_secs(3))
+            .await;
+    }
+    proxy.set(Fault::Pass);
+    wait_readyz(&gw, 200, Duration::from_secs(15)).await;
+    gw.stop().await;
+}
+
+/// The broker's memory alarm while a session publishes: RabbitMQ blocks
+/// the connection and stops reading it. The gateway marks itself blocked
+/// (`/readyz` 503 with the reason, `stompgate_broker_blocked` 1, new
+/// WebSockets refused), keeps every session loop going (heart-beats; a
+/// client that closes its socket ends its session at once), answers the
+/// large SEND within amqp.publish_timeout with an ERROR that says its
+/// outcome is unknown, and is ready again when the alarm clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_blocks_the_gateway_without_freezing_it() {
+    let _turn = TURN.lock().await;
+    require_rabbitmq().await;
+    let gw = Gateway::start_with(|c| {
+        c.amqp.publish_timeout = Duration::from_secs(3);
+        c.amqp.call_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let dest = format!("/topic/{}", unique("alarm"));
+    let (mut publisher, _) = Client::connect(&gw).await;
+    let mut bystander = connect_with_heartbeats(&gw, 300).await;
+    let (mut quitter, _) = Client::connect(&gw).await;
+    wait_readyz(&gw, 200, WAIT).await;
+
+    let alarm = MemoryAlarm::raise();
+    publisher
+        .send_frame(&sized_send(&dest, "big", 1 << 20))
+        .await;
+    publisher.send_frame(&sized_send(&dest, "small", 10)).await;
+    let sent = Instant::now();
+    wait_readyz_saying(&gw, 503, "blocks publishing", WAIT).await;
+    common::settle(&gw, "stompgate_broker_blocked", 1.0).await;
+    let error = publisher.expect_error().await;
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(5), "ERROR after {took:?}");
+    assert_eq!(error.get("receipt-id"), Some("big"));
+    assert_eq!(error.get("stompgate-outcome"), Some("unknown"));
+    assert_eq!(error.get("stompgate-unanswered"), Some("2"));
+    let body = body_text(&error);
+    assert!(
+        body.contains("amqp.publish_timeout") && body.contains("big, small"),
+        "{body}"
+    );
+
+    bystander
+        .wait_heartbeats(bystander.heartbeats + 5, Duration::from_secs(3))
+        .await;
+    // The publisher's session is over; the quitter's ends with its socket.
+    common::settle(&gw, "stompgate_connections_open", 2.0).await;
+    quitter.send_frame(&sized_send(&dest, "q", 1 << 20)).await;
+    drop(quitter);
+    let dropped = Instant::now();
+    common::settle(&gw, "stompgate_connections_open", 1.0).await;
+    assert!(
+        dropped.elapsed() < Duration::from_secs(3),
+        "a closed WebSocket's session outlived it by {:?}",
+        dropped.elapsed()
+    );
+    let request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(gw.ws_url())
+            .unwrap();
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("a new WebSocket during the alarm: {other:?}"),
+    }
+
+    alarm.clear();
+    wait_readyz(&gw, 200, Duration::from_secs(30)).await;
+    common::settle(&gw, "stompgate_broker_blocked", 0.0).await;
+    let (mut fresh, _) = Client::connect(&gw).await;
+    fresh.send_confirmed(&dest, "after the alarm").await;
+    fresh.disconnect().await;
+    bystander.disconnect().await;
+    gw.stop().await;
+}
+
+/// Sets RabbitMQ's memory high watermark to 0 (an alarm at once); the
+/// guard puts the broker's own value back, even when the test fails.
+struct MemoryAlarm {
+    watermark: String,
+}
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .output()
+            .expect("rabbitmqctl runs");
+        let watermark = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert!(
+            watermark.parse::<f64>().is_ok(),
+            "the broker's watermark is a fraction: {watermark:?}"
+        );
+        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        MemoryAlarm { watermark }
+    }
+
+    fn clear(self) {
+        drop(self);
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["set_vm_memory_high_watermark", &self.watermark]);
+    }
+}
+
+/// SIGTERM while the broker is down: the SENDs still held for it are all
+/// named in the "server shutting down" ERROR, outcome unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_outage_names_every_unanswered_send() {
+    let _turn = TURN.lock().await;
+    require_rabbitmq().await;
+    let mut node = Node::spawn(&[("STOMPGATE__AMQP__PUBLISH_TIMEOUT", "60s")]);
+    let gw = &node.gateway;
+    let (mut writer, _) = Client::connect(gw).await;
+    let stopped = BrokerStopped::now();
+    wait_readyz(gw, 503, WAIT).await;
+    let dest = format!("/topic/{}", unique("held"));
+    for receipt in ["a1", "a2"] {
+        writer.send_frame(&sized_send(&dest, receipt, 1)).await;
+    }
+    // Both SENDs reached the session before the signal.
+    common::settle(gw, "stompgate_frames_received_total{command=\"SEND\"}", 2.0).await;
+    node.signal("-TERM");
+    let error = writer.expect_error().await;
+    assert_eq!(error.get("message"), Some("server shutting down"));
+    assert_eq!(error.get("stompgate-outcome"), Some("unknown"));
+    assert_eq!(error.get("stompgate-unanswered"), Some("2"));
+    assert!(body_text(&error).contains("a1, a2"), "{}", body_text(&error));
+    assert!(node.wait_exit(Duration::from_secs(30)).success());
+    stopped.restart();
+    wait_management().await;
 }

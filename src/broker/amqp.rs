@@ -1,5 +1,5 @@
 //! RabbitMQ behind the broker port, on the gateway's own AMQP client
-//! ([`super::client`]).
+//! ([`client`]).
 //!
 //! Each session gets its own AMQP channel on a pooled connection, and on it
 //! one queue `stompgate.<node-id>.<session-id>` (exclusive, auto-delete,
@@ -7,16 +7,24 @@
 //! with acks and a prefetch once it needs them; publisher confirms on.
 //! Up to `amqp.pool_size` connections per broker URL: when one broker
 //! cannot give a connection, the next is tried. Connections are shared: a
-//! session opens its channel on the first one with room, and a new
-//! connection is opened once each carries `amqp.sessions_per_connection`
-//! channels, so the pool grows with the sessions and no connection nears
-//! RabbitMQ's `channel_max` (2047).
+//! session opens its channel on the first one with room that the broker
+//! does not block, and a new connection is opened once each carries
+//! `amqp.sessions_per_connection` channels (or the broker's `channel_max`),
+//! so the pool grows with the sessions.
+//!
+//! What the client reports ends here: lost connections and failed
+//! attempts are logged (rate-limited, URL without its password) and
+//! counted, `connection.blocked` makes the node unready, and readiness is
+//! state, never a live probe.
+
+pub mod client;
+mod wire;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, confirm, queue, AMQPClass, BasicProperties};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -24,11 +32,11 @@ use futures_util::future::Map;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use super::client::{Channel, Connection, Message, STAMP_HEADER};
-use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish, Readiness};
 use crate::config::{AmqpConfig, Overflow};
 use crate::destination::Route;
 use crate::metrics::Metrics;
+use client::{Channel, Connection, Message, Options, STAMP_HEADER};
 
 /// STOMP headers that describe the frame itself, not the message: they
 /// never travel to RabbitMQ.
@@ -47,6 +55,13 @@ const STOMP_OWN_HEADERS: [&str; 9] = [
 /// Bounds the queue deletion and channel close at session end, so a dead
 /// broker cannot hold a session.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Failed connection attempts are logged at most this often, with how
+/// many were left out since.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// After a failed attempt, sessions asking for a connection within this
+/// long get the same failure at once instead of each waiting out its own
+/// `amqp.connect_timeout` in turn.
+const FAIL_FAST_FOR: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct AmqpBroker {
@@ -64,8 +79,8 @@ pub struct AmqpBroker {
     queue_max_length: u32,
     queue_overflow: Overflow,
     connect_timeout: Duration,
-    /// The connection name in RabbitMQ's management UI.
-    name: String,
+    /// What every connection is opened with; its observer is per connection.
+    options: Options,
     metrics: Arc<Metrics>,
 }
 
@@ -82,11 +97,98 @@ impl Held {
     }
 }
 
-/// Whether the broker answered lately, and whether a connection was lost
-/// since the last one was opened (so the next opening is a reconnect).
+/// The broker link as `/readyz`, new WebSockets and the metrics see it:
+/// kept up to date by the connections' observers and by connection
+/// attempts, read without any I/O.
 struct Health {
+    /// The last attempt gave a connection, and not every one was lost since.
     up: AtomicBool,
+    /// A connection was attempted: until then the link is starting.
+    tried: AtomicBool,
+    /// A connection was lost since the last one was opened: the next
+    /// opening counts as a reconnect.
     lost: AtomicBool,
+    /// Connections open now, and how many of them the broker blocks.
+    open: AtomicUsize,
+    blocked: AtomicUsize,
+    /// Why the broker is unavailable or blocked, for `/readyz`.
+    why: Mutex<String>,
+    /// When the last attempt failed, and the failure: see FAIL_FAST_FOR.
+    failed: Mutex<Option<(Instant, String)>>,
+    /// When a failed attempt was last logged, and how many were not since.
+    logged: Mutex<Option<Instant>>,
+    unlogged: AtomicU64,
+    /// A delivery with strings that are not UTF-8 was logged already.
+    lenient_logged: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Watches one connection for the broker: [`client::Observer`].
+struct Watch {
+    url: String,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    /// Whether this connection is counted in `Health::blocked`.
+    blocked: AtomicBool,
+}
+
+impl client::Observer for Watch {
+    fn blocked(&self, reason: Option<&str>) {
+        let health = &self.health;
+        match reason {
+            Some(reason) => {
+                tracing::warn!(url = %self.url, reason, "the broker blocks publishing on a connection");
+                *lock(&health.why) = format!("the broker blocks publishing: {reason}");
+                if !self.blocked.swap(true, Ordering::Relaxed) {
+                    health.blocked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                tracing::info!(url = %self.url, "the broker unblocked publishing on a connection");
+                if self.blocked.swap(false, Ordering::Relaxed) {
+                    health.blocked.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let any = health.blocked.load(Ordering::Relaxed) > 0;
+        self.metrics.broker_blocked.set(i64::from(any));
+    }
+
+    fn lenient(&self, dropped: u32) {
+        self.metrics.broker_lenient_deliveries.inc();
+        if !self.health.lenient_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                url = %self.url,
+                dropped,
+                "a message had strings that are not UTF-8 (header names or properties): \
+                 delivered without them; counted in broker_lenient_deliveries_total, \
+                 logged once"
+            );
+        }
+    }
+
+    fn ended(&self, why: &str, by_gateway: bool) {
+        let health = &self.health;
+        if self.blocked.swap(false, Ordering::Relaxed) {
+            health.blocked.fetch_sub(1, Ordering::Relaxed);
+            let any = health.blocked.load(Ordering::Relaxed) > 0;
+            self.metrics.broker_blocked.set(i64::from(any));
+        }
+        let left = health.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        if by_gateway {
+            return;
+        }
+        tracing::warn!(url = %self.url, error = why, "AMQP connection lost");
+        health.lost.store(true, Ordering::Relaxed);
+        if left == 0 {
+            *lock(&health.why) = format!("connection lost: {why}");
+            health.up.store(false, Ordering::Relaxed);
+            self.metrics.broker_up.set(0);
+        }
+    }
 }
 
 impl AmqpBroker {
@@ -98,6 +200,11 @@ impl AmqpBroker {
         metrics: Arc<Metrics>,
     ) -> Result<AmqpBroker, BrokerError> {
         let urls = config.all_urls().map(str::to_owned).collect::<Vec<_>>();
+        let tls = crate::tls::amqp_client_config(&config.tls).map_err(BrokerError::Invalid)?;
+        let mut options = Options::new(&format!("stompgate {node_id}"));
+        options.heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
+        options.call_timeout = config.call_timeout;
+        options.tls = Some(tls);
         Ok(AmqpBroker {
             urls: urls.into(),
             current: Arc::new(AtomicUsize::new(0)),
@@ -105,20 +212,29 @@ impl AmqpBroker {
             sessions_per_connection: config.sessions_per_connection,
             pool_size: config.pool_size,
             health: Arc::new(Health {
-                up: AtomicBool::new(true),
+                up: AtomicBool::new(false),
+                tried: AtomicBool::new(false),
                 lost: AtomicBool::new(false),
+                open: AtomicUsize::new(0),
+                blocked: AtomicUsize::new(0),
+                why: Mutex::new(String::new()),
+                failed: Mutex::new(None),
+                logged: Mutex::new(None),
+                unlogged: AtomicU64::new(0),
+                lenient_logged: AtomicBool::new(false),
             }),
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
             queue_max_length: config.queue_max_length,
             queue_overflow: config.queue_overflow,
             connect_timeout: config.connect_timeout,
-            name: format!("stompgate {node_id}"),
+            options,
             metrics,
         })
     }
 
     fn set_up(&self, up: bool) {
+        self.health.tried.store(true, Ordering::Relaxed);
         self.health.up.store(up, Ordering::Relaxed);
         if !up {
             self.health.lost.store(true, Ordering::Relaxed);
@@ -126,21 +242,30 @@ impl AmqpBroker {
         self.metrics.broker_up.set(i64::from(up));
     }
 
-    /// A connection for one more session: the first live one held that
-    /// carries fewer than `amqp.sessions_per_connection`, else a new one
-    /// one (or, past `amqp.pool_size` per broker, the least loaded).
-    /// Packing sessions onto the fewest connections was measured with
-    /// lapin, whose every connection had an I/O thread: a fan-out spread
-    /// over two cost 15–20% more CPU per delivery. With this client's
-    /// tasks, 100 sessions per connection instead of 1000 changed neither
-    /// CPU nor latency at 1000 subscribers. Returns the session's share of
+    /// How many sessions a connection takes: ours, or the broker's
+    /// `channel_max` when that is lower.
+    fn capacity(&self, connection: &Connection) -> usize {
+        self.sessions_per_connection.min(connection.channel_max())
+    }
+
+    /// A connection for one more session: the first live, unblocked one
+    /// held that has room, else a new one (or, past `amqp.pool_size` per
+    /// broker, the least loaded unblocked one). Packing sessions onto the
+    /// fewest connections was measured with lapin, whose every connection
+    /// had an I/O thread: a fan-out spread over two cost 15–20% more CPU
+    /// per delivery. With this client's tasks, 100 sessions per
+    /// connection instead of 1000 changed neither CPU nor latency at 1000
+    /// subscribers. A connection the broker blocks (a resource alarm) is
+    /// passed over: the broker reads nothing from it, so a session opened
+    /// there would wait for its channel. Returns the session's share of
     /// the load.
     async fn share(&self) -> Result<(Connection, Arc<()>), BrokerError> {
         let mut held = self.held.lock().await;
         held.retain(|h| h.connection.is_open());
+        let usable = |h: &Held| h.connection.blocked().is_none();
         let room = held
             .iter()
-            .position(|h| h.sessions() < self.sessions_per_connection);
+            .position(|h| usable(h) && h.sessions() < self.capacity(&h.connection));
         let index = match room {
             Some(index) => Some(index),
             None if held.len() < self.pool_size * self.urls.len() => {
@@ -152,7 +277,7 @@ impl AmqpBroker {
                         });
                         Some(held.len() - 1)
                     }
-                    Err(e) if held.is_empty() => return Err(e),
+                    Err(e) if !held.iter().any(usable) => return Err(e),
                     Err(_) => None,
                 }
             }
@@ -163,42 +288,82 @@ impl AmqpBroker {
             Some(index) => &held[index],
             None => held
                 .iter()
+                .filter(|h| usable(h))
                 .min_by_key(|h| h.sessions())
-                .ok_or_else(|| BrokerError::Unavailable("no broker connection".into()))?,
+                .ok_or_else(|| match held.first().and_then(|h| h.connection.blocked()) {
+                    Some(reason) => BrokerError::Unavailable(format!(
+                        "the broker blocks publishing ({reason}): try again later"
+                    )),
+                    None => BrokerError::Unavailable("no broker connection".into()),
+                })?,
         };
-        self.set_up(true);
         Ok((h.connection.clone(), h.load.clone()))
     }
 
     /// A new connection, to the broker that gave the last one or else the
-    /// next in turn; whether one could be had sets `broker_up`.
+    /// next in turn; whether one could be had sets `broker_up`. Right
+    /// after a failed attempt, fails at once with the same reason.
     async fn connection(&self) -> Result<Connection, BrokerError> {
+        if let Some((at, why)) = lock(&self.health.failed).as_ref() {
+            if at.elapsed() < FAIL_FAST_FOR {
+                return Err(BrokerError::Unavailable(why.clone()));
+            }
+        }
         let first = self.current.load(Ordering::Relaxed);
         let mut failure = String::from("no broker configured");
         for i in 0..self.urls.len() {
             let index = (first + i) % self.urls.len();
-            let opening = Connection::open(&self.urls[index], &self.name);
-            match tokio::time::timeout(self.connect_timeout, opening).await {
+            let url = &self.urls[index];
+            let watch = Arc::new(Watch {
+                url: client::redacted(url),
+                health: self.health.clone(),
+                metrics: self.metrics.clone(),
+                blocked: AtomicBool::new(false),
+            });
+            let mut options = self.options.clone();
+            options.observer = watch.clone();
+            let opening = Connection::open(url, &options);
+            let why = match tokio::time::timeout(self.connect_timeout, opening).await {
                 Ok(Ok(connection)) => {
+                    self.health.open.fetch_add(1, Ordering::Relaxed);
                     self.current.store(index, Ordering::Relaxed);
                     self.metrics.broker_connections_opened.inc();
                     if self.health.lost.swap(false, Ordering::Relaxed) {
                         self.metrics.broker_reconnects.inc();
+                        tracing::info!(url = %watch.url, "AMQP connection opened again");
                     }
+                    *lock(&self.health.failed) = None;
                     self.set_up(true);
                     return Ok(connection);
                 }
-                Ok(Err(e)) => failure = e.to_string(),
-                Err(_) => {
-                    failure = format!(
-                        "no connection within amqp.connect_timeout ({:?})",
-                        self.connect_timeout
-                    )
-                }
-            }
+                Ok(Err(BrokerError::Unavailable(why))) => why,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
+                    "no connection within amqp.connect_timeout ({:?}): TCP, TLS and login",
+                    self.connect_timeout
+                ),
+            };
+            self.metrics.broker_connect_failures.inc();
+            self.log_failure(&watch.url, &why);
+            failure = why;
         }
+        *lock(&self.health.why) = failure.clone();
+        *lock(&self.health.failed) = Some((Instant::now(), failure.clone()));
         self.set_up(false);
         Err(BrokerError::Unavailable(failure))
+    }
+
+    /// Logs a failed connection attempt, at most once per
+    /// FAILURE_LOG_EVERY, saying how many were left out.
+    fn log_failure(&self, url: &str, why: &str) {
+        let mut logged = lock(&self.health.logged);
+        if logged.is_some_and(|at| at.elapsed() < FAILURE_LOG_EVERY) {
+            self.health.unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *logged = Some(Instant::now());
+        let unlogged = self.health.unlogged.swap(0, Ordering::Relaxed);
+        tracing::warn!(%url, error = why, unlogged, "could not connect to the broker");
     }
 }
 
@@ -243,7 +408,8 @@ impl Broker for AmqpBroker {
             };
             channel
                 .call(AMQPClass::Queue(queue::AMQPMethod::Declare(declare)))
-                .await?;
+                .await
+                .map_err(locked_is_transient)?;
             let consumer = consume(&channel, &queue, session_id, acks).await?;
             Ok::<_, BrokerError>((channel, consumer, load))
         };
@@ -259,20 +425,40 @@ impl Broker for AmqpBroker {
             backlog_limit: usize::from(self.prefetch),
             session_id: session_id.to_owned(),
             queue,
+            call_timeout: self.options.call_timeout,
             _load: load,
         })
     }
 
-    async fn ready(&self) -> bool {
-        let live = {
-            let held = self.held.lock().await;
-            held.iter().any(|h| h.connection.is_open())
-        };
-        live || self.share().await.is_ok()
+    fn readiness(&self) -> Readiness {
+        let health = &self.health;
+        if health.blocked.load(Ordering::Relaxed) > 0 {
+            return Readiness::Unavailable(lock(&health.why).clone());
+        }
+        match health.up.load(Ordering::Relaxed) {
+            true => Readiness::Ready,
+            false if health.tried.load(Ordering::Relaxed) => {
+                Readiness::Unavailable(lock(&health.why).clone())
+            }
+            false => Readiness::Starting,
+        }
     }
 
-    fn is_up(&self) -> bool {
-        self.health.up.load(Ordering::Relaxed)
+    async fn probe(&self) {
+        let _ = self.share().await;
+    }
+}
+
+/// A re-declared queue can meet `405 RESOURCE_LOCKED` when the broker has
+/// not yet noticed that the connection which held it before (cut by a
+/// network fault) is gone: that passes, so it is retried like an
+/// unavailable broker, never fatal to the session.
+fn locked_is_transient(error: BrokerError) -> BrokerError {
+    match error {
+        BrokerError::Refused(why) if why.starts_with("405") => BrokerError::Unavailable(format!(
+            "the queue is still held by the connection the broker has not yet seen go ({why})"
+        )),
+        other => other,
     }
 }
 
@@ -312,6 +498,8 @@ pub struct AmqpSession {
     backlog_limit: usize,
     session_id: String,
     queue: String,
+    /// How long a publish may wait for room in the connection's outbox.
+    call_timeout: Duration,
     /// Counts this session on its connection until dropped.
     _load: Arc<()>,
 }
@@ -372,16 +560,31 @@ impl BrokerSession for AmqpSession {
         let (properties, headers) = properties_from_stomp(&message.headers)?;
         short(&message.route.exchange)?;
         short(&message.route.key)?;
-        let confirm = self
-            .channel
-            .publish(
-                &message.route.exchange,
-                &message.route.key,
-                properties,
-                headers,
-                &message.body,
-            )
-            .await?;
+        // Sessions wait for room before they read the next SEND; this
+        // covers the rest (republishing after a reconnect, a COMMIT).
+        if !self.channel.writable() {
+            let wait = self.call_timeout;
+            if tokio::time::timeout(wait, self.channel.until_writable())
+                .await
+                .is_err()
+            {
+                return Err(BrokerError::Unavailable(format!(
+                    "the broker read nothing for amqp.call_timeout ({wait:?}){}",
+                    self.channel
+                        .connection()
+                        .blocked()
+                        .map(|r| format!(": it blocks publishing ({r})"))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        let confirm = self.channel.publish(
+            &message.route.exchange,
+            &message.route.key,
+            properties,
+            headers,
+            &message.body,
+        )?;
         Ok(confirm.map(confirmed as fn(_) -> _))
     }
 
@@ -443,14 +646,28 @@ impl BrokerSession for AmqpSession {
     }
 
     async fn ack(&mut self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
-        self.channel.ack(tag, multiple).await
+        self.channel.ack(tag, multiple)
     }
 
     async fn nack(&mut self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
-        self.channel.nack(tag, requeue).await
+        self.channel.nack(tag, requeue)
+    }
+
+    fn writable(&self) -> bool {
+        self.channel.writable()
+    }
+
+    fn until_writable(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.channel.until_writable()
     }
 
     async fn close(self) {
+        if self.channel.connection().blocked().is_some() {
+            // The broker reads nothing from a blocked connection: dropping
+            // the channel queues its close (the exclusive, auto-delete
+            // queue goes with it), and the session does not wait for it.
+            return;
+        }
         let closing = async {
             if self.channel.is_open() {
                 if let Ok(queue) = short(&self.queue) {

@@ -7,8 +7,6 @@
 //! sessions.
 
 pub mod amqp;
-pub mod client;
-mod wire;
 
 use std::future::Future;
 
@@ -49,6 +47,10 @@ pub enum Confirmed {
     Routed,
     /// No queue was bound for its routing key; the broker returned it.
     Unroutable,
+    /// The broker refused responsibility for it (`basic.nack`): e.g. a
+    /// full queue with `x-overflow` `reject-publish`. An answer about
+    /// this one message, not a fault of the session.
+    Nacked,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,12 +61,20 @@ pub enum BrokerError {
     /// The broker refused an operation (unknown exchange, access refused…).
     #[error("broker refused: {0}")]
     Refused(String),
-    /// The broker did not take responsibility for a published message.
-    #[error("broker did not confirm the message (basic.nack)")]
-    Nacked,
     /// The client's message cannot be expressed in AMQP.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// What the broker link can do for new sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// No connection was tried yet (the gateway just started).
+    Starting,
+    /// The last attempt failed, every connection was lost, or the broker
+    /// blocks publishing; the text says which, for operators.
+    Unavailable(String),
 }
 
 /// A connection to the broker shared by all sessions of this process.
@@ -80,11 +90,14 @@ pub trait Broker: Clone + Send + Sync + 'static {
         acks: bool,
     ) -> impl Future<Output = Result<Self::Session, BrokerError>> + Send;
 
-    /// Whether the broker is reachable right now (`/readyz`); checks.
-    fn ready(&self) -> impl Future<Output = bool> + Send;
+    /// Whether new sessions can be served now (`/readyz`, WebSocket
+    /// upgrades): state kept by the connections, read without I/O, so it
+    /// answers at once even while the broker hangs.
+    fn readiness(&self) -> Readiness;
 
-    /// Whether the broker answered the last time it was used; no I/O.
-    fn is_up(&self) -> bool;
+    /// Tries to hold a connection, so that readiness is fresh even when
+    /// no session uses the broker; bounded by `amqp.connect_timeout`.
+    fn probe(&self) -> impl Future<Output = ()> + Send;
 }
 
 /// One STOMP session's private queue and the channel that serves it.
@@ -140,6 +153,16 @@ pub trait BrokerSession: Send + 'static {
         tag: u64,
         requeue: bool,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Whether a publish can be handed to the broker now. False while the
+    /// broker reads nothing (it blocks the connection, or paused the
+    /// channel's flow) and what was handed to it already is at its bound:
+    /// the session then stops reading its client instead of buffering.
+    fn writable(&self) -> bool;
+
+    /// Resolves once [`BrokerSession::writable`]. Cancel-safe; borrows
+    /// nothing, so the session waits for it beside its other events.
+    fn until_writable(&self) -> impl Future<Output = ()> + Send + 'static;
 
     /// Deletes the queue and closes the channel; never fails, as the
     /// session is ending anyway (an exclusive, auto-delete queue goes with

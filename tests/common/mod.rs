@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -39,6 +41,39 @@ pub fn unique(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed),
         rand::random::<u16>()
     )
+}
+
+/// `/readyz`'s status and body (0 when it does not answer).
+pub async fn readyz(gw: &Gateway) -> (u16, String) {
+    match reqwest::get(gw.http_url("/readyz")).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Polls until `/readyz` answers `status` with a body containing `says`;
+/// returns the body.
+pub async fn wait_readyz_saying(gw: &Gateway, status: u16, says: &str, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (now, body) = readyz(gw).await;
+        if now == status && body.contains(says) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not answer {status} saying {says:?} within {within:?}; last: {now} {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `/readyz` answers `status`.
+pub async fn wait_readyz(gw: &Gateway, status: u16, within: Duration) {
+    wait_readyz_saying(gw, status, "", within).await;
 }
 
 /// Fails the test with a clear message when RabbitMQ is not there.
@@ -603,6 +638,8 @@ impl Management {
 pub struct Node {
     pub child: std::process::Child,
     pub gateway: Gateway,
+    /// Its log lines after the "listening" one, kept for tests to read.
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// `stompgate` with a clean environment plus `envs`, output piped.
@@ -634,12 +671,38 @@ impl Node {
         let mut child = stompgate_command(&all, &[])
             .spawn()
             .expect("run the stompgate binary");
-        let addr = wait_listening(&mut child);
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let addr = wait_listening(&mut child, logs.clone());
         let mut config = Config::defaults().unwrap();
         config.server.node_id = node_id;
         Node {
             child,
             gateway: Gateway::external(addr, Arc::new(config)),
+            logs,
+        }
+    }
+
+    /// Log lines so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(line) = self.log_lines(needle).into_iter().next() {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?} within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -674,9 +737,12 @@ impl Drop for Node {
 }
 
 /// Reads the log until the "listening" line; returns the bound address.
-/// The rest of the log keeps being read (and dropped) so the pipe never
-/// fills and blocks the gateway.
-fn wait_listening(child: &mut std::process::Child) -> SocketAddr {
+/// The rest of the log keeps being read into `logs` (the first 10 000
+/// lines) so the pipe never fills and blocks the gateway.
+fn wait_listening(
+    child: &mut std::process::Child,
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
+) -> SocketAddr {
     use std::io::BufRead;
     let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -692,6 +758,10 @@ fn wait_listening(child: &mut std::process::Child) -> SocketAddr {
                     let _ = tx.send(addr);
                     sent = true;
                 }
+            }
+            let mut logs = logs.lock().unwrap();
+            if logs.len() < 10_000 {
+                logs.push(line);
             }
         }
     });

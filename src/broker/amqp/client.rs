@@ -1,23 +1,37 @@
-//! A small AMQP 0-9-1 client that runs on the gateway's own tokio runtime.
+//! The gateway's AMQP 0-9-1 client: one connection as two tasks on the
+//! gateway's own tokio runtime, and the channels sessions open on it.
 //!
 //! Why not lapin, which this replaced: lapin drives every connection from an
 //! OS thread of its own, so each delivery and each publish crossed from that
 //! thread to a session's task and back. At partial load both sleep between
 //! messages, and a profile of the gateway at 500 msg/s spent a fifth of its
-//! samples switching between them. Here a connection is two
-//! tasks on the session runtime: a reader that parses frames and hands each
-//! channel its deliveries, confirms and replies, and a writer that flushes
-//! what the sessions queued. A message goes from the broker's socket to the
-//! client's on the runtime's own threads.
+//! samples switching between them. Here a connection is two tasks on the
+//! session runtime: a reader that parses frames and hands each channel its
+//! deliveries, confirms and replies, and a writer that flushes what the
+//! sessions queued. A message goes from the broker's socket to the client's
+//! on the runtime's own threads.
 //!
-//! Only what the gateway uses is here: PLAIN login, heart-beats, channels
-//! with synchronous methods, publisher confirms with `mandatory` returns,
-//! and consumers. amq-protocol (lapin's own codec)
-//! parses and encodes the methods and properties; the few hot frames
-//! (publish, ack, nack, bodies) are encoded by hand.
+//! What it implements: PLAIN login over TCP or TLS (a private CA and a
+//! client certificate through [`Options::tls`]); heart-beats, with the peer
+//! declared dead when nothing was read for two intervals, whatever the
+//! writer is doing, plus TCP keepalive and `TCP_USER_TIMEOUT`;
+//! `connection.blocked` as a state the owner can see; channels whose ids are
+//! handed out round-robin and reused only after their close is agreed, whose
+//! synchronous replies are checked against what was asked, and which are
+//! never closed before their open went out; `channel.flow`; publisher
+//! confirms with `mandatory` returns matched to their publish; consumers.
+//! A malformed or non-UTF-8 string in a delivery is dropped, not fatal; a
+//! malformed method ends its channel, not the connection.
+//!
+//! What it leaves out: other SASL mechanisms, transactions (`tx.*`),
+//! `basic.get`, `nowait` methods, and any method the gateway does not send.
+//! amq-protocol (lapin's own codec) parses and encodes the methods and
+//! properties; the hot frames (publish, ack, nack, bodies, deliveries and
+//! their headers) are handled by hand.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -32,7 +46,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{wire, BrokerError, Confirmed};
+use super::wire;
+use crate::broker::{BrokerError, Confirmed};
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -61,6 +76,68 @@ const OUTBOX_HIGH_WATER: usize = 4 << 20;
 /// How long a closing connection waits for the broker's close-ok.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a synchronous method waits for its reply when [`Options`]
+/// does not say.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Without heart-beats (`?heartbeat=0`), how long the kernel may hold
+/// unacknowledged writes before it gives the connection up.
+const USER_TIMEOUT_WITHOUT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// What the client reports to whoever opened the connection; the adapter
+/// turns it into logs, metrics and readiness. Called from the reader
+/// task, so it must not block.
+pub trait Observer: Send + Sync + 'static {
+    /// The broker blocked publishing on the connection (`Some(reason)`,
+    /// e.g. a memory alarm), or lifted the block (`None`).
+    fn blocked(&self, reason: Option<&str>);
+    /// A delivery or return carried `dropped` strings that were not
+    /// UTF-8 (header names, properties): they were left out of it.
+    fn lenient(&self, dropped: u32);
+    /// The connection ended: `by_gateway` when its last handle was
+    /// dropped, else the broker or the network ended it, as `why` says.
+    fn ended(&self, why: &str, by_gateway: bool);
+}
+
+/// An observer that reports nothing.
+struct Quiet;
+
+impl Observer for Quiet {
+    fn blocked(&self, _: Option<&str>) {}
+    fn lenient(&self, _: u32) {}
+    fn ended(&self, _: &str, _: bool) {}
+}
+
+/// What opening a connection needs beyond its URL.
+#[derive(Clone)]
+pub struct Options {
+    /// The connection's name in RabbitMQ's management UI.
+    pub name: String,
+    /// Heart-beat to ask for, in seconds, when the URL has no
+    /// `?heartbeat=N`; 0 turns them off. The broker is declared dead after
+    /// two silent intervals.
+    pub heartbeat: u16,
+    /// Longest wait for the reply to a synchronous method; past it the
+    /// channel is given up.
+    pub call_timeout: Duration,
+    /// TLS for `amqps://`; None verifies against the system's CAs.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub observer: Arc<dyn Observer>,
+}
+
+impl Options {
+    /// Defaults: a 10 s heart-beat and call timeout, the system's CAs, no
+    /// reports.
+    pub fn new(name: &str) -> Options {
+        Options {
+            name: name.to_owned(),
+            heartbeat: 10,
+            call_timeout: CALL_TIMEOUT,
+            tls: None,
+            observer: Arc::new(Quiet),
+        }
+    }
+}
+
 /// A connection to RabbitMQ. Clones share it; it closes when the last is
 /// dropped, or when the broker or the network ends it.
 #[derive(Clone)]
@@ -71,19 +148,35 @@ pub struct Connection {
 
 struct Inner {
     outbox: Mutex<Outbox>,
+    /// The outbox's length, readable without its lock: sessions check it
+    /// on every turn of their loop (see [`Channel::writable`]).
+    queued_bytes: AtomicUsize,
     /// Wakes the writer: something was queued.
     queued: Notify,
-    /// Wakes senders held back by `OUTBOX_HIGH_WATER`.
+    /// Wakes those waiting for room: the writer took the outbox, a
+    /// channel's flow resumed, or the connection ended.
     drained: Notify,
-    channels: Mutex<Vec<Option<Arc<ChannelShared>>>>,
+    channels: Mutex<Channels>,
     /// Why the connection ended; set once, then every call fails with it.
     failure: Mutex<Option<String>>,
     open: AtomicBool,
-    /// Set by the reader on every read, cleared by the heart-beat check.
-    heard: AtomicBool,
+    /// The broker's reason while it blocks publishing (`connection.blocked`).
+    blocked: Mutex<Option<String>>,
     frame_max: usize,
+    call_timeout: Duration,
+    observer: Arc<dyn Observer>,
     /// Ends both tasks: the last handle was dropped, or the connection failed.
     stop: CancellationToken,
+}
+
+/// Channel ids and who holds them. An id stays taken from its open until
+/// the broker agreed to its close, so a late reply for an old channel can
+/// never reach a new one with the same number.
+struct Channels {
+    slots: Vec<Option<Arc<ChannelShared>>>,
+    /// Where the search for a free id starts: ids go round, as in lapin,
+    /// rather than the lowest free one at once.
+    next: usize,
 }
 
 #[derive(Default)]
@@ -136,20 +229,50 @@ fn put_short_string(b: &mut BytesMut, s: &str) {
     b.put_slice(s);
 }
 
+fn close_method(reply_text: &str) -> AMQPClass {
+    AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+        reply_code: 200,
+        reply_text: reply_text.into(),
+        class_id: 0,
+        method_id: 0,
+    }))
+}
+
 /// One channel's state, shared by its session (calls, publishes, takes)
 /// and the connection's reader (replies, confirms, deliveries). A std
 /// mutex: it is held for a few field updates, never across an await.
 struct ChannelShared {
     id: u16,
     state: Mutex<ChannelState>,
+    /// Set by `channel.flow` with active false: the broker asks for no
+    /// more publishes until it clears it. Outside the state's lock, as
+    /// sessions read it on every turn of their loop.
+    paused: AtomicBool,
+}
+
+/// Where a channel is in its life, as the broker sees it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Its `channel.open` has not gone into the outbox yet: the broker
+    /// knows nothing of it, so it is never sent a close.
+    #[default]
+    Unopened,
+    /// Opened (or its open is queued): methods may follow.
+    Open,
+    /// We sent `channel.close`: everything but the broker's close or
+    /// close-ok is ignored until the close-ok frees the id.
+    Closing,
+    /// Over; the id is free (or freed with the connection).
+    Closed,
 }
 
 #[derive(Default)]
 struct ChannelState {
+    phase: Phase,
     /// Why the channel ended, once it has: every call fails with it.
     closed: Option<BrokerError>,
     /// Synchronous calls waiting for their reply, oldest first.
-    replies: VecDeque<oneshot::Sender<Result<AMQPClass, BrokerError>>>,
+    replies: VecDeque<Waiting>,
     /// A deliver or return whose header and body are still coming.
     incoming: Option<Incoming>,
     consumers: Vec<ConsumerQueue>,
@@ -160,6 +283,12 @@ struct ChannelState {
     next_seq: u64,
     /// Sequence numbers of returned publishes whose confirm has not come.
     returned: Vec<u64>,
+}
+
+/// A synchronous call and the reply it expects: class and method id.
+struct Waiting {
+    expects: (u16, u16),
+    done: oneshot::Sender<Result<AMQPClass, BrokerError>>,
 }
 
 struct Pending {
@@ -203,9 +332,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
+/// A URL's user, host and virtual host, without its password: for logs.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(an unparsable URL)".into(),
+    }
+}
+
 impl Connection {
-    /// Connects, logs in and opens the virtual host of `url`.
-    pub async fn open(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    /// Connects, logs in and opens the virtual host of `url`. Not bounded
+    /// in time by itself: callers put their `amqp.connect_timeout` on it.
+    pub async fn open(url: &str, options: &Options) -> Result<Connection, BrokerError> {
         let unavailable = |e: String| BrokerError::Unavailable(e);
         let uri: AMQPUri = url.parse().map_err(unavailable)?;
         let host = uri.authority.host.clone();
@@ -213,29 +356,41 @@ impl Connection {
         let tcp = TcpStream::connect(address)
             .await
             .map_err(|e| unavailable(format!("{host}:{}: {e}", uri.authority.port)))?;
-        let _ = tcp.set_nodelay(true);
+        let heartbeat = uri.query.heartbeat.unwrap_or(options.heartbeat);
+        guard_socket(&tcp, heartbeat);
         let mut stream: Box<dyn Stream> = match uri.scheme {
             AMQPScheme::AMQP => Box::new(tcp),
-            AMQPScheme::AMQPS => Box::new(tls(tcp, &host).await.map_err(unavailable)?),
+            AMQPScheme::AMQPS => Box::new(
+                tls(tcp, &host, options.tls.clone())
+                    .await
+                    .map_err(unavailable)?,
+            ),
         };
         let mut buf = BytesMut::with_capacity(16 * 1024);
-        let tuned = handshake(&mut stream, &mut buf, &uri, name)
+        let port = uri.authority.port;
+        let tuned = handshake(&mut stream, &mut buf, &uri, options, heartbeat)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable(format!("{host}:{port}: {e}")))?;
         let inner = Arc::new(Inner {
             outbox: Mutex::new(Outbox::default()),
+            queued_bytes: AtomicUsize::new(0),
             queued: Notify::new(),
             drained: Notify::new(),
-            channels: Mutex::new(vec![None; usize::from(tuned.channel_max) + 1]),
+            channels: Mutex::new(Channels {
+                slots: vec![None; usize::from(tuned.channel_max) + 1],
+                next: 1,
+            }),
             failure: Mutex::new(None),
             open: AtomicBool::new(true),
-            heard: AtomicBool::new(true),
+            blocked: Mutex::new(None),
             frame_max: tuned.frame_max as usize,
+            call_timeout: options.call_timeout,
+            observer: options.observer.clone(),
             stop: CancellationToken::new(),
         });
         let (reader, writer) = tokio::io::split(stream);
         let heartbeat = (tuned.heartbeat > 0).then(|| Duration::from_secs(tuned.heartbeat.into()));
-        tokio::spawn(read_loop(inner.clone(), reader, buf));
+        tokio::spawn(read_loop(inner.clone(), reader, buf, heartbeat));
         tokio::spawn(write_loop(inner.clone(), writer, heartbeat));
         Ok(Connection {
             _close_on_drop: Arc::new(inner.stop.clone().drop_guard()),
@@ -247,15 +402,33 @@ impl Connection {
         self.inner.open.load(Ordering::Relaxed)
     }
 
-    /// Opens a channel on the first free id.
+    /// The broker's reason while it blocks publishing on this connection.
+    pub fn blocked(&self) -> Option<String> {
+        lock(&self.inner.blocked).clone()
+    }
+
+    /// How many channels the broker allows on this connection.
+    pub fn channel_max(&self) -> usize {
+        lock(&self.inner.channels).slots.len() - 1
+    }
+
+    /// Resolves once the connection has ended, with the reason.
+    pub async fn closed(&self) -> String {
+        self.inner.stop.cancelled().await;
+        lock(&self.inner.failure)
+            .clone()
+            .unwrap_or_else(|| "connection closed".into())
+    }
+
+    /// Opens a channel on the next free id.
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
         let shared = {
             let mut channels = lock(&self.inner.channels);
-            let id = channels
-                .iter()
-                .skip(1)
-                .position(Option::is_none)
-                .map(|i| i + 1)
+            let size = channels.slots.len();
+            let start = channels.next;
+            let id = (0..size - 1)
+                .map(|i| 1 + (start - 1 + i) % (size - 1))
+                .find(|&id| channels.slots[id].is_none())
                 .ok_or_else(|| BrokerError::Unavailable("no free channel".into()))?;
             let shared = Arc::new(ChannelShared {
                 id: id as u16,
@@ -263,8 +436,10 @@ impl Connection {
                     next_seq: 1,
                     ..ChannelState::default()
                 }),
+                paused: AtomicBool::new(false),
             });
-            channels[id] = Some(shared.clone());
+            channels.slots[id] = Some(shared.clone());
+            channels.next = id % (size - 1) + 1;
             shared
         };
         let channel = Channel {
@@ -277,6 +452,28 @@ impl Connection {
             )))
             .await?;
         Ok(channel)
+    }
+}
+
+/// Keepalive and `TCP_USER_TIMEOUT` on the broker socket: a write the
+/// kernel cannot deliver, or a peer gone without a word, ends the socket
+/// even when no heart-beat is due.
+fn guard_socket(tcp: &TcpStream, heartbeat: u16) {
+    let _ = tcp.set_nodelay(true);
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive on the broker socket");
+    }
+    let user_timeout = match heartbeat {
+        0 => USER_TIMEOUT_WITHOUT_HEARTBEAT,
+        h => Duration::from_secs(u64::from(h) * 2),
+    };
+    if let Err(e) = socket.set_tcp_user_timeout(Some(user_timeout)) {
+        tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT on the broker socket");
     }
 }
 
@@ -294,6 +491,8 @@ impl Inner {
         let mut outbox = lock(&self.outbox);
         let was_empty = outbox.bytes.is_empty();
         write(&mut outbox);
+        self.queued_bytes
+            .store(outbox.bytes.len(), Ordering::Relaxed);
         drop(outbox);
         if was_empty {
             self.queued.notify_one();
@@ -301,19 +500,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Waits while the outbox is over its high-water mark.
-    async fn room(&self) {
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if lock(&self.outbox).bytes.len() <= OUTBOX_HIGH_WATER
-                || !self.open.load(Ordering::Relaxed)
-            {
-                return;
-            }
-            drained.await;
-        }
+    /// Whether the outbox is under its high-water mark (or the connection
+    /// is over, so that callers go on and meet the error).
+    fn has_room(&self) -> bool {
+        self.queued_bytes.load(Ordering::Relaxed) <= OUTBOX_HIGH_WATER
+            || !self.open.load(Ordering::Relaxed)
     }
 
     /// Ends the connection: every channel fails with `why`.
@@ -329,21 +520,47 @@ impl Inner {
         self.stop.cancel();
         self.drained.notify_waiters();
         let channels: Vec<_> = lock(&self.channels)
+            .slots
             .iter_mut()
             .filter_map(Option::take)
             .collect();
         for channel in channels {
-            channel.fail(BrokerError::Unavailable(why.clone()));
+            let mut state = lock(&channel.state);
+            state.fail(BrokerError::Unavailable(why.clone()));
+            state.phase = Phase::Closed;
         }
     }
 
     fn channel(&self, id: u16) -> Option<Arc<ChannelShared>> {
-        lock(&self.channels).get(usize::from(id))?.clone()
+        lock(&self.channels).slots.get(usize::from(id))?.clone()
     }
 
+    /// Lets id go; callers hold no channel state lock.
     fn free(&self, id: u16) {
-        if let Some(slot) = lock(&self.channels).get_mut(usize::from(id)) {
+        if let Some(slot) = lock(&self.channels).slots.get_mut(usize::from(id)) {
             *slot = None;
+        }
+    }
+
+    /// Gives a channel up after a protocol fault on it (a reply nobody
+    /// asked for, a malformed method, a call that timed out): its calls
+    /// fail as if the broker were lost, so the session opens a new one,
+    /// and the broker is told to close it.
+    fn abandon(&self, channel: &ChannelShared, why: String) {
+        let mut state = lock(&channel.state);
+        state.fail(BrokerError::Unavailable(why));
+        match state.phase {
+            Phase::Open => {
+                state.phase = Phase::Closing;
+                let id = channel.id;
+                let _ = self.send(|o| o.method(id, close_method("gateway gave the channel up")));
+            }
+            Phase::Unopened => {
+                state.phase = Phase::Closed;
+                drop(state);
+                self.free(channel.id);
+            }
+            Phase::Closing | Phase::Closed => {}
         }
     }
 
@@ -352,51 +569,65 @@ impl Inner {
         let channel_id = match &frame {
             Frame::Heartbeat => return Ok(()),
             Frame::Method(0, method) => return self.on_connection_method(method),
-            Frame::Method(id, _) | Frame::Header(id, _) | Frame::Body(id, _) => *id,
+            Frame::Malformed(0, why) => return Err(why.clone()),
+            Frame::Method(id, _)
+            | Frame::Header(id, _)
+            | Frame::Body(id, _)
+            | Frame::Malformed(id, _) => *id,
         };
         let Some(channel) = self.channel(channel_id) else {
-            // Frames for a channel we already let go of (its close-ok is
-            // on the way): nothing waits for them.
+            // Frames for a channel we no longer hold: nothing waits for them.
             return Ok(());
         };
-        if let Frame::Method(_, method) = frame {
-            return self.on_channel_method(&channel, method);
-        }
+        let closing = lock(&channel.state).phase == Phase::Closing;
+        let frame = match frame {
+            Frame::Method(_, method) => return self.on_channel_method(&channel, method),
+            // Whatever came for a closing channel is void.
+            _ if closing => return Ok(()),
+            Frame::Malformed(_, why) => {
+                self.abandon(&channel, format!("the broker sent {why}"));
+                return Ok(());
+            }
+            frame => frame,
+        };
         let mut state = lock(&channel.state);
+        let mut fault = None;
         match frame {
-            Frame::Header(_, header) => {
-                let incoming = state
-                    .incoming
-                    .as_mut()
-                    .ok_or("a content header without a deliver or return")?;
-                incoming.size = header.body_size as usize;
-                incoming.properties = header.properties;
-                if incoming.size == 0 {
-                    state.complete();
+            Frame::Header(_, header) => match state.incoming.as_mut() {
+                Some(incoming) => {
+                    incoming.size = header.body_size as usize;
+                    incoming.properties = header.properties;
+                    if incoming.size == 0 {
+                        state.complete();
+                    }
                 }
-            }
-            Frame::Body(_, bytes) => {
-                let incoming = state
-                    .incoming
-                    .as_mut()
-                    .ok_or("a content body without a deliver or return")?;
-                if incoming.single.is_none()
-                    && incoming.body.is_empty()
-                    && bytes.len() == incoming.size
-                {
-                    incoming.single = Some(bytes);
-                } else {
-                    incoming.body.extend_from_slice(&bytes);
+                None => fault = Some("a content header without a deliver or return"),
+            },
+            Frame::Body(_, bytes) => match state.incoming.as_mut() {
+                Some(incoming) => {
+                    if incoming.single.is_none()
+                        && incoming.body.is_empty()
+                        && bytes.len() == incoming.size
+                    {
+                        incoming.single = Some(bytes);
+                    } else {
+                        incoming.body.extend_from_slice(&bytes);
+                    }
+                    let have = incoming
+                        .single
+                        .as_ref()
+                        .map_or(incoming.body.len(), Bytes::len);
+                    if have >= incoming.size {
+                        state.complete();
+                    }
                 }
-                let have = incoming
-                    .single
-                    .as_ref()
-                    .map_or(incoming.body.len(), Bytes::len);
-                if have >= incoming.size {
-                    state.complete();
-                }
-            }
-            Frame::Method(..) | Frame::Heartbeat => {}
+                None => fault = Some("a content body without a deliver or return"),
+            },
+            Frame::Method(..) | Frame::Malformed(..) | Frame::Heartbeat => {}
+        }
+        drop(state);
+        if let Some(why) = fault {
+            self.abandon(&channel, format!("the broker sent {why}"));
         }
         Ok(())
     }
@@ -422,11 +653,14 @@ impl Inner {
                 Err("connection closed".into())
             }
             AMQPClass::Connection(connection::AMQPMethod::Blocked(blocked)) => {
-                tracing::warn!(reason = %blocked.reason.as_str(), "the broker blocks publishing");
+                let reason = blocked.reason.to_string();
+                self.observer.blocked(Some(&reason));
+                *lock(&self.blocked) = Some(reason);
                 Ok(())
             }
             AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => {
-                tracing::info!("the broker unblocked publishing");
+                *lock(&self.blocked) = None;
+                self.observer.blocked(None);
                 Ok(())
             }
             other => {
@@ -437,8 +671,46 @@ impl Inner {
     }
 
     fn on_channel_method(&self, channel: &ChannelShared, method: AMQPClass) -> Result<(), String> {
+        let id = channel.id;
         let mut state = lock(&channel.state);
         match method {
+            AMQPClass::Channel(channel::AMQPMethod::Close(close)) => {
+                // A channel error is caused by what was asked on it
+                // (NOT_FOUND, ACCESS_REFUSED…): the broker refused.
+                let why = format!("{} {}", close.reply_code, close.reply_text.as_str());
+                state.fail(BrokerError::Refused(why));
+                let _ = self.send(|o| {
+                    o.method(
+                        id,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    )
+                });
+                // Crossed closes: ours is answered too, and the id is free
+                // only once that answer came.
+                if state.phase != Phase::Closing {
+                    state.phase = Phase::Closed;
+                    drop(state);
+                    self.free(id);
+                }
+                return Ok(());
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(ok)) => {
+                if state.phase != Phase::Closing {
+                    drop(state);
+                    self.abandon(channel, "the broker sent a close-ok for no close".into());
+                    return Ok(());
+                }
+                if state.replies.front().is_some_and(|w| w.expects == (20, 41)) {
+                    state.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(ok)));
+                }
+                state.fail(BrokerError::Unavailable("channel closed".into()));
+                state.phase = Phase::Closed;
+                drop(state);
+                self.free(id);
+                return Ok(());
+            }
+            // Until its close-ok, a closing channel hears nothing else.
+            _ if state.phase == Phase::Closing => return Ok(()),
             AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver)) => {
                 state.incoming = Some(Incoming::new(Some(deliver)));
             }
@@ -455,7 +727,6 @@ impl Inner {
                 // The broker cancelled a consumer (its queue was deleted).
                 state.end_consumer(&cancel.consumer_tag);
                 if !cancel.nowait {
-                    let id = channel.id;
                     let tag = cancel.consumer_tag;
                     let _ = self.send(|o| {
                         o.method(
@@ -467,34 +738,9 @@ impl Inner {
                     });
                 }
             }
-            AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)) => {
-                // Every delivery to the consumer came before this.
-                state.end_consumer(&ok.consumer_tag);
-                state.reply(Ok(AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok))));
-            }
-            AMQPClass::Channel(channel::AMQPMethod::Close(close)) => {
-                // A channel error is caused by what was asked on it
-                // (NOT_FOUND, ACCESS_REFUSED…): the broker refused.
-                let why = format!("{} {}", close.reply_code, close.reply_text.as_str());
-                state.fail(BrokerError::Refused(why));
-                drop(state);
-                let id = channel.id;
-                let _ = self.send(|o| {
-                    o.method(
-                        id,
-                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
-                    )
-                });
-                self.free(id);
-            }
-            AMQPClass::Channel(channel::AMQPMethod::CloseOk(ok)) => {
-                state.reply(Ok(AMQPClass::Channel(channel::AMQPMethod::CloseOk(ok))));
-                state.fail(BrokerError::Unavailable("channel closed".into()));
-                drop(state);
-                self.free(channel.id);
-            }
             AMQPClass::Channel(channel::AMQPMethod::Flow(flow)) => {
-                let id = channel.id;
+                channel.paused.store(!flow.active, Ordering::Relaxed);
+                drop(state);
                 let _ = self.send(|o| {
                     o.method(
                         id,
@@ -503,16 +749,27 @@ impl Inner {
                         })),
                     )
                 });
+                if flow.active {
+                    self.drained.notify_waiters();
+                }
+                return Ok(());
             }
-            reply => state.reply(Ok(reply)),
+            reply => {
+                let got = (reply.get_amqp_class_id(), reply.get_amqp_method_id());
+                if state.replies.front().is_none_or(|w| w.expects != got) {
+                    drop(state);
+                    let why = format!("the broker sent a reply nobody asked for: {reply:?}");
+                    self.abandon(channel, why);
+                    return Ok(());
+                }
+                if let AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)) = &reply {
+                    // Every delivery to the consumer came before this.
+                    state.end_consumer(&ok.consumer_tag);
+                }
+                state.reply(reply);
+            }
         }
         Ok(())
-    }
-}
-
-impl ChannelShared {
-    fn fail(&self, error: BrokerError) {
-        lock(&self.state).fail(error);
     }
 }
 
@@ -522,7 +779,7 @@ impl ChannelState {
             self.closed = Some(error.clone());
         }
         for reply in self.replies.drain(..) {
-            let _ = reply.send(Err(error.clone()));
+            let _ = reply.done.send(Err(error.clone()));
         }
         for pending in self.confirms.drain(..) {
             let _ = pending.done.send(Err(error.clone()));
@@ -537,9 +794,9 @@ impl ChannelState {
         }
     }
 
-    fn reply(&mut self, reply: Result<AMQPClass, BrokerError>) {
+    fn reply(&mut self, reply: AMQPClass) {
         if let Some(waiting) = self.replies.pop_front() {
-            let _ = waiting.send(reply);
+            let _ = waiting.done.send(Ok(reply));
         }
     }
 
@@ -572,11 +829,11 @@ impl ChannelState {
             self.returned.swap_remove(i);
         }
         let result = match (ack, returned) {
-            (true, None) => Ok(Confirmed::Routed),
-            (true, Some(_)) => Ok(Confirmed::Unroutable),
-            (false, _) => Err(BrokerError::Nacked),
+            (true, None) => Confirmed::Routed,
+            (true, Some(_)) => Confirmed::Unroutable,
+            (false, _) => Confirmed::Nacked,
         };
-        let _ = pending.done.send(result);
+        let _ = pending.done.send(Ok(result));
     }
 
     /// A deliver's or return's body is complete.
@@ -636,11 +893,60 @@ impl Channel {
         self.connection.is_open() && lock(&self.shared.state).closed.is_none()
     }
 
-    /// Sends a synchronous method and waits for the broker's reply.
+    /// The connection the channel is on.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// Whether a publish may be queued now: the outbox is under its
+    /// high-water mark and the broker has not paused the channel's flow.
+    /// Also true once the connection has ended, so that the caller goes on
+    /// and meets the error (a failed channel shows in its deliveries).
+    pub fn writable(&self) -> bool {
+        writable(&self.connection, &self.shared)
+    }
+
+    /// Resolves once [`Channel::writable`]. Cancel-safe, and borrows
+    /// nothing, so a session can wait for it beside its other events.
+    pub fn until_writable(&self) -> impl Future<Output = ()> + Send + 'static {
+        let connection = self.connection.clone();
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let drained = connection.inner.drained.notified();
+                tokio::pin!(drained);
+                drained.as_mut().enable();
+                if writable(&connection, &shared) {
+                    return;
+                }
+                drained.await;
+            }
+        }
+    }
+
+    /// Sends a synchronous method and waits, at most the connection's call
+    /// timeout, for the broker's reply. Past it the channel is given up:
+    /// what the broker did with the method is unknown.
     pub async fn call(&self, method: AMQPClass) -> Result<AMQPClass, BrokerError> {
-        self.connection.inner.room().await;
+        let what = method_name(&method);
         let reply = self.request(method)?;
-        reply.await.map_err(|_| self.connection.inner.failure())?
+        let inner = &self.connection.inner;
+        match tokio::time::timeout(inner.call_timeout, reply).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(inner.failure()),
+            Err(_) => {
+                let why = format!(
+                    "the broker did not answer {what} within amqp.call_timeout ({:?}){}",
+                    inner.call_timeout,
+                    self.connection
+                        .blocked()
+                        .map(|r| format!("; it blocks the connection: {r}"))
+                        .unwrap_or_default()
+                );
+                inner.abandon(&self.shared, why.clone());
+                Err(BrokerError::Unavailable(why))
+            }
+        }
     }
 
     /// Sends a synchronous method; the receiver gets the reply.
@@ -648,7 +954,11 @@ impl Channel {
         &self,
         method: AMQPClass,
     ) -> Result<oneshot::Receiver<Result<AMQPClass, BrokerError>>, BrokerError> {
-        let (tx, rx) = oneshot::channel();
+        let (done, reply) = oneshot::channel();
+        // Every synchronous method the gateway sends is answered by the
+        // method numbered one above it (open → open-ok, bind → bind-ok…).
+        let expects = (method.get_amqp_class_id(), method.get_amqp_method_id() + 1);
+        let closing = matches!(method, AMQPClass::Channel(channel::AMQPMethod::Close(_)));
         let mut state = lock(&self.shared.state);
         if let Some(closed) = &state.closed {
             return Err(closed.clone());
@@ -656,8 +966,9 @@ impl Channel {
         self.connection
             .inner
             .send(|o| o.method(self.shared.id, method))?;
-        state.replies.push_back(tx);
-        Ok(rx)
+        state.phase = if closing { Phase::Closing } else { Phase::Open };
+        state.replies.push_back(Waiting { expects, done });
+        Ok(reply)
     }
 
     /// Starts a consumer whose deliveries [`Channel::poll_take`] hands out.
@@ -679,17 +990,30 @@ impl Channel {
         no_ack: bool,
         old: &str,
     ) -> Result<(), BrokerError> {
-        self.connection.inner.room().await;
+        let inner = &self.connection.inner;
         let started = self.request(self.consumer(queue, tag, no_ack))?;
         let cancel = basic::Cancel {
             consumer_tag: old.into(),
             nowait: false,
         };
         let cancelled = self.request(AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel)))?;
-        for reply in [started, cancelled] {
-            reply.await.map_err(|_| self.connection.inner.failure())??;
+        let both = async {
+            for reply in [started, cancelled] {
+                reply.await.map_err(|_| inner.failure())??;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(inner.call_timeout, both).await {
+            Ok(result) => result,
+            Err(_) => {
+                let why = format!(
+                    "the broker did not answer basic.consume within amqp.call_timeout ({:?})",
+                    inner.call_timeout
+                );
+                inner.abandon(&self.shared, why.clone());
+                Err(BrokerError::Unavailable(why))
+            }
         }
-        Ok(())
     }
 
     /// A basic.consume for `tag`, whose deliveries are kept from now on.
@@ -749,8 +1073,11 @@ impl Channel {
     }
 
     /// Publishes `mandatory` with `headers` (and its [`STAMP_HEADER`]);
-    /// the receiver gets the broker's confirm: routed, or returned.
-    pub async fn publish(
+    /// the receiver gets the broker's confirm: routed, returned or nacked.
+    /// Never waits: callers hold publishes back until
+    /// [`Channel::writable`], so a broker that stops reading holds the
+    /// sessions back rather than their messages piling up here.
+    pub fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -759,7 +1086,6 @@ impl Channel {
         body: &[u8],
     ) -> Result<oneshot::Receiver<Result<Confirmed, BrokerError>>, BrokerError> {
         let inner = &self.connection.inner;
-        inner.room().await;
         let (done, confirmed) = oneshot::channel();
         let id = self.shared.id;
         let mut state = lock(&self.shared.state);
@@ -815,71 +1141,77 @@ impl Channel {
         Ok(confirmed)
     }
 
-    pub async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
+    /// Acknowledges a delivery. Acks never wait for room: they are small,
+    /// and they are what lets the broker send more.
+    pub fn ack(&self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
         self.basic(80, |b| {
             b.put_u64(tag);
             b.put_u8(u8::from(multiple));
         })
-        .await
     }
 
-    pub async fn nack(&self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
+    pub fn nack(&self, tag: u64, requeue: bool) -> Result<(), BrokerError> {
         self.basic(120, |b| {
             b.put_u64(tag);
             b.put_u8(u8::from(requeue) << 1);
         })
-        .await
     }
 
-    async fn basic(
-        &self,
-        method: u16,
-        args: impl FnOnce(&mut BytesMut),
-    ) -> Result<(), BrokerError> {
-        let inner = &self.connection.inner;
-        inner.room().await;
+    fn basic(&self, method: u16, args: impl FnOnce(&mut BytesMut)) -> Result<(), BrokerError> {
         let state = lock(&self.shared.state);
         if let Some(closed) = &state.closed {
             return Err(closed.clone());
         }
-        inner.send(|o| o.raw_method(self.shared.id, method, args))
+        self.connection
+            .inner
+            .send(|o| o.raw_method(self.shared.id, method, args))
     }
 
     /// Closes the channel and waits for the broker to agree.
     pub async fn close(&self) -> Result<(), BrokerError> {
-        let close = channel::Close {
-            reply_code: 200,
-            reply_text: "session closed".into(),
-            class_id: 0,
-            method_id: 0,
-        };
-        self.call(AMQPClass::Channel(channel::AMQPMethod::Close(close)))
-            .await
-            .map(drop)
+        self.call(close_method("session closed")).await.map(drop)
     }
 }
 
 impl Drop for Channel {
     /// A channel dropped without [`Channel::close`] (its session's task
-    /// was aborted) is closed without waiting; its id is free once the
-    /// broker's close-ok comes.
+    /// was aborted, or its opening timed out) is closed without waiting
+    /// if the broker knows of it; its id is free once the broker's
+    /// close-ok comes. One whose open never went out is simply let go.
     fn drop(&mut self) {
-        let state = lock(&self.shared.state);
-        if state.closed.is_some() {
-            return;
+        let inner = &self.connection.inner;
+        let mut state = lock(&self.shared.state);
+        match state.phase {
+            Phase::Open => {
+                state.phase = Phase::Closing;
+                state.fail(BrokerError::Unavailable("channel dropped".into()));
+                let id = self.shared.id;
+                let _ = inner.send(|o| o.method(id, close_method("session ended")));
+            }
+            Phase::Unopened => {
+                state.phase = Phase::Closed;
+                drop(state);
+                inner.free(self.shared.id);
+            }
+            Phase::Closing | Phase::Closed => {}
         }
-        let id = self.shared.id;
-        let _ = self.connection.inner.send(|o| {
-            o.method(
-                id,
-                AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
-                    reply_code: 200,
-                    reply_text: "session ended".into(),
-                    class_id: 0,
-                    method_id: 0,
-                })),
-            )
-        });
+    }
+}
+
+/// See [`Channel::writable`]: two atomic loads, no lock.
+fn writable(connection: &Connection, channel: &ChannelShared) -> bool {
+    !connection.is_open()
+        || (!channel.paused.load(Ordering::Relaxed) && connection.inner.has_room())
+}
+
+/// A method's AMQP name, for messages.
+fn method_name(method: &AMQPClass) -> String {
+    let debug = format!("{method:?}");
+    // `Queue(Bind(Bind { … }))` → `queue.bind`
+    let mut parts = debug.split('(').take(2).map(str::to_ascii_lowercase);
+    match (parts.next(), parts.next()) {
+        (Some(class), Some(method)) => format!("{class}.{method}"),
+        _ => debug,
     }
 }
 
@@ -897,10 +1229,19 @@ enum Frame {
     Header(u16, AMQPContentHeader),
     Body(u16, Bytes),
     Heartbeat,
+    /// A method or header whose payload could not be read: on a channel,
+    /// that channel is given up; on channel 0, the connection.
+    Malformed(u16, String),
 }
 
-/// The next whole frame in `buf`, if one is there.
-fn parse_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<Frame>, String> {
+/// The next whole frame in `buf`, if one is there; `dropped` counts the
+/// strings left out of it for not being UTF-8. An error is a fault in the
+/// framing itself, after which nothing more can be read.
+fn parse_frame(
+    buf: &mut BytesMut,
+    frame_max: usize,
+    dropped: &mut u32,
+) -> Result<Option<Frame>, String> {
     if buf.len() < FRAME_HEAD {
         return Ok(None);
     }
@@ -922,20 +1263,26 @@ fn parse_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<Frame>, St
     buf.advance(FRAME_HEAD);
     let payload = buf.split_to(size);
     buf.advance(1);
-    let malformed = |e| format!("a malformed frame: {e:?}");
+    let method = |dropped: &mut u32| -> Result<AMQPClass, String> {
+        if let Some(deliver) = wire::deliver(&payload, dropped) {
+            return Ok(AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver?)));
+        }
+        if let Some(returned) = wire::returned(&payload, dropped) {
+            return Ok(AMQPClass::Basic(basic::AMQPMethod::Return(returned?)));
+        }
+        amq_protocol::protocol::parse_class(&payload[..])
+            .map(|(_, method)| method)
+            .map_err(|e| format!("a malformed method: {e:?}"))
+    };
     Ok(Some(match kind {
-        FRAME_METHOD => match wire::deliver(&payload) {
-            Some(deliver) => Frame::Method(
-                channel,
-                AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver?)),
-            ),
-            None => {
-                let (_, method) =
-                    amq_protocol::protocol::parse_class(&payload[..]).map_err(malformed)?;
-                Frame::Method(channel, method)
-            }
+        FRAME_METHOD => match method(dropped) {
+            Ok(method) => Frame::Method(channel, method),
+            Err(why) => Frame::Malformed(channel, why),
         },
-        FRAME_HEADER => Frame::Header(channel, wire::content_header(&payload)?),
+        FRAME_HEADER => match wire::content_header(&payload, dropped) {
+            Ok(header) => Frame::Header(channel, header),
+            Err(why) => Frame::Malformed(channel, format!("a malformed content header: {why}")),
+        },
         FRAME_BODY => Frame::Body(channel, payload.freeze()),
         FRAME_HEARTBEAT => Frame::Heartbeat,
         other => return Err(format!("a frame of unknown type {other}")),
@@ -944,7 +1291,7 @@ fn parse_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<Frame>, St
 
 async fn read_frame(stream: &mut Box<dyn Stream>, buf: &mut BytesMut) -> Result<Frame, String> {
     loop {
-        if let Some(frame) = parse_frame(buf, FRAME_MAX as usize)? {
+        if let Some(frame) = parse_frame(buf, FRAME_MAX as usize, &mut 0)? {
             return Ok(frame);
         }
         if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
@@ -970,6 +1317,7 @@ async fn read_method(
             }
             Frame::Method(0, AMQPClass::Connection(method)) => return Ok(method),
             Frame::Heartbeat => {}
+            Frame::Malformed(_, why) => return Err(format!("during the handshake: {why}")),
             _ => return Err("an unexpected frame during the handshake".into()),
         }
     }
@@ -997,7 +1345,8 @@ async fn handshake(
     stream: &mut Box<dyn Stream>,
     buf: &mut BytesMut,
     uri: &AMQPUri,
-    name: &str,
+    options: &Options,
+    heartbeat: u16,
 ) -> Result<Tuned, String> {
     stream
         .write_all(PROTOCOL_HEADER)
@@ -1023,7 +1372,10 @@ async fn handshake(
         "version".into(),
         AMQPValue::LongString(env!("CARGO_PKG_VERSION").into()),
     );
-    properties.insert("connection_name".into(), AMQPValue::LongString(name.into()));
+    properties.insert(
+        "connection_name".into(),
+        AMQPValue::LongString(options.name.as_str().into()),
+    );
     properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
     let user = &uri.authority.userinfo;
     let response = format!("\0{}\0{}", user.username, user.password);
@@ -1051,7 +1403,9 @@ async fn handshake(
             CHANNEL_MAX.into(),
         ) as u16,
         frame_max: pick(tune.frame_max, uri.query.frame_max, FRAME_MAX),
-        heartbeat: uri.query.heartbeat.unwrap_or(tune.heartbeat),
+        // Ours, not the broker's 60 s: a dead broker must be noticed
+        // before a SEND's amqp.publish_timeout runs out.
+        heartbeat,
     };
     write_method(
         stream,
@@ -1078,7 +1432,23 @@ async fn handshake(
 async fn tls(
     tcp: TcpStream,
     host: &str,
+    config: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let config = match config {
+        Some(config) => config,
+        None => system_tls()?,
+    };
+    let server = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host}: {e}"))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(server, tcp)
+        .await
+        .map_err(|e| format!("TLS to {host}: {e}"))
+}
+
+/// TLS that trusts the system's CA certificates, without a client
+/// certificate.
+fn system_tls() -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
@@ -1089,35 +1459,57 @@ async fn tls(
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let server = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("{host}: {e}"))?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server, tcp)
-        .await
-        .map_err(|e| format!("TLS to {host}: {e}"))
+    Ok(Arc::new(config))
 }
 
 /// Reads frames and hands them out until the connection ends, then fails
-/// every channel with the reason.
-async fn read_loop(inner: Arc<Inner>, mut reader: impl AsyncRead + Unpin, mut buf: BytesMut) {
+/// every channel with the reason. The broker is declared dead when
+/// nothing at all came for two heart-beat intervals, whatever the writer
+/// is doing: a write stuck on a frozen broker cannot hide it.
+async fn read_loop(
+    inner: Arc<Inner>,
+    mut reader: impl AsyncRead + Unpin,
+    mut buf: BytesMut,
+    heartbeat: Option<Duration>,
+) {
+    let silence = heartbeat.map(|h| h * 2);
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut deadline = silence.map_or(far, |s| tokio::time::Instant::now() + s);
+    let mut by_gateway = false;
     let why = 'read: loop {
         loop {
-            match parse_frame(&mut buf, inner.frame_max) {
+            let mut dropped = 0;
+            let parsed = parse_frame(&mut buf, inner.frame_max, &mut dropped);
+            if dropped > 0 {
+                inner.observer.lenient(dropped);
+            }
+            match parsed {
                 Ok(Some(frame)) => {
                     if let Err(why) = inner.on_frame(frame) {
                         break 'read why;
                     }
                 }
                 Ok(None) => break,
-                Err(why) => break 'read why,
+                Err(why) => break 'read format!("the broker sent {why}"),
             }
         }
         buf.reserve(16 * 1024);
+        // Each branch is cancel-safe: read_buf keeps what it read.
         let read = tokio::select! {
             read = reader.read_buf(&mut buf) => read,
+            () = tokio::time::sleep_until(deadline), if silence.is_some() => {
+                break format!(
+                    "nothing from the broker for {:?}, two heart-beat intervals",
+                    silence.unwrap_or_default()
+                );
+            }
             () = inner.stop.cancelled() => {
+                if lock(&inner.failure).is_some() {
+                    break "connection failed".to_owned();
+                }
                 // Dropped by the gateway: the writer says goodbye; the
                 // broker's close-ok (or silence) ends the wait.
+                by_gateway = true;
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
                     loop {
                         match reader.read_buf(&mut buf).await {
@@ -1127,21 +1519,30 @@ async fn read_loop(inner: Arc<Inner>, mut reader: impl AsyncRead + Unpin, mut bu
                     }
                 })
                 .await;
-                break 'read "connection closed".to_owned();
+                break 'read "connection closed by the gateway".to_owned();
             }
         };
         match read {
             Ok(0) => break "the broker closed the connection".to_owned(),
-            Ok(_) => inner.heard.store(true, Ordering::Relaxed),
+            Ok(_) => {
+                if let Some(silence) = silence {
+                    deadline = tokio::time::Instant::now() + silence;
+                }
+            }
             Err(e) => break format!("reading from the broker: {e}"),
         }
     };
     tracing::debug!(%why, "AMQP connection ended");
-    inner.fail(why);
+    let first = lock(&inner.failure).is_none();
+    inner.fail(why.clone());
+    if first {
+        inner.observer.ended(&why, by_gateway);
+    }
 }
 
-/// Writes what sessions queued, in batches, and heart-beats when idle;
-/// ends the connection when the broker has been silent for two intervals.
+/// Writes what sessions queued, in batches, and heart-beats when idle.
+/// A write stuck on a broker that stopped reading is abandoned as soon as
+/// the connection is declared dead.
 async fn write_loop(
     inner: Arc<Inner>,
     mut writer: impl AsyncWrite + Unpin,
@@ -1152,36 +1553,16 @@ async fn write_loop(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut spare = BytesMut::new();
     let mut wrote = false;
-    let mut silent_ticks = 0;
     loop {
         tokio::select! {
             () = inner.queued.notified() => {}
             _ = ticks.tick(), if heartbeat.is_some() => {
-                if inner.heard.swap(false, Ordering::Relaxed) {
-                    silent_ticks = 0;
-                } else {
-                    silent_ticks += 1;
-                    if silent_ticks >= 4 {
-                        inner.fail("the broker missed its heart-beats".into());
-                        return;
-                    }
-                }
                 if !std::mem::take(&mut wrote) {
                     spare.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
                 }
             }
             () = inner.stop.cancelled() => {
-                let mut goodbye = Outbox::default();
-                goodbye.method(0, AMQPClass::Connection(connection::AMQPMethod::Close(
-                    connection::Close {
-                        reply_code: 200,
-                        reply_text: "stompgate closing".into(),
-                        class_id: 0,
-                        method_id: 0,
-                    },
-                )));
-                let _ = writer.write_all(&goodbye.bytes).await;
-                let _ = writer.flush().await;
+                let _ = tokio::time::timeout(CLOSE_WAIT, goodbye(&inner, &mut writer)).await;
                 return;
             }
         }
@@ -1193,6 +1574,7 @@ async fn write_loop(
                 spare.extend_from_slice(&outbox.bytes);
                 outbox.bytes.clear();
             }
+            inner.queued_bytes.store(0, Ordering::Relaxed);
         }
         inner.drained.notify_waiters();
         if spare.is_empty() {
@@ -1203,10 +1585,37 @@ async fn write_loop(
             writer.write_all(&spare).await?;
             writer.flush().await
         };
-        if let Err(e) = written.await {
-            inner.fail(format!("writing to the broker: {e}"));
-            return;
+        tokio::select! {
+            written = written => {
+                if let Err(e) = written {
+                    inner.fail(format!("writing to the broker: {e}"));
+                    return;
+                }
+            }
+            () = inner.stop.cancelled() => return,
         }
         spare.clear();
     }
+}
+
+/// The last writes of a connection that is ending: what was queued (a
+/// close-ok for the broker's close), then, when the gateway itself is
+/// closing it, `connection.close`.
+async fn goodbye(inner: &Inner, writer: &mut (impl AsyncWrite + Unpin)) {
+    let mut last = std::mem::take(&mut lock(&inner.outbox).bytes);
+    if lock(&inner.failure).is_none() {
+        let mut close = Outbox::default();
+        close.method(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: 200,
+                reply_text: "stompgate closing".into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        );
+        last.extend_from_slice(&close.bytes);
+    }
+    let _ = writer.write_all(&last).await;
+    let _ = writer.flush().await;
 }

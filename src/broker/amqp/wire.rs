@@ -1,5 +1,9 @@
-//! The two frames that come with every delivery, `basic.deliver` and its
-//! content header, parsed by hand. amq-protocol's parser, used for every
+//! The frames that come with every delivery, `basic.deliver` and its
+//! content header, and `basic.return`, parsed by hand and leniently: a
+//! string that is not UTF-8 (RabbitMQ passes on whatever a publisher
+//! sent) is left out, or for names that must be there replaced lossily,
+//! and counted in `dropped`, so that one odd message never fails the
+//! connection that every session on it shares. amq-protocol's parser, used for every
 //! other frame, collects each string byte by byte through nom combinators:
 //! reading these two by hand took a tenth off the gateway's instructions
 //! per delivered message in a fan-out. The results are amq-protocol's own
@@ -17,15 +21,29 @@ use amq_protocol::types::{
 const MAX_NESTING: u8 = 16;
 
 /// `basic.deliver` (class 60, method 60), if that is what `payload` holds.
-pub fn deliver(payload: &[u8]) -> Option<Result<basic::Deliver, String>> {
+pub fn deliver(payload: &[u8], dropped: &mut u32) -> Option<Result<basic::Deliver, String>> {
     let arguments = payload.strip_prefix(&[0, 60, 0, 60])?;
-    Some(Reader(arguments).deliver())
+    Some(Reader::new(arguments, dropped).deliver())
+}
+
+/// `basic.return` (class 60, method 50), if that is what `payload` holds.
+pub fn returned(payload: &[u8], dropped: &mut u32) -> Option<Result<basic::Return, String>> {
+    let arguments = payload.strip_prefix(&[0, 60, 0, 50])?;
+    let mut r = Reader::new(arguments, dropped);
+    Some((|| {
+        Ok(basic::Return {
+            reply_code: r.u16()?,
+            reply_text: r.lossy_short_string()?,
+            exchange: r.lossy_short_string()?,
+            routing_key: r.lossy_short_string()?,
+        })
+    })())
 }
 
 /// A content header frame's payload. Like amq-protocol, it reads one word
 /// of property flags: the basic class has 14 properties.
-pub fn content_header(payload: &[u8]) -> Result<AMQPContentHeader, String> {
-    let mut r = Reader(payload);
+pub fn content_header(payload: &[u8], dropped: &mut u32) -> Result<AMQPContentHeader, String> {
+    let mut r = Reader::new(payload, dropped);
     let class_id = r.u16()?;
     let _weight = r.u16()?;
     let body_size = r.u64()?;
@@ -33,10 +51,14 @@ pub fn content_header(payload: &[u8]) -> Result<AMQPContentHeader, String> {
     let has = |bit: u16| flags & (1 << (15 - bit)) != 0;
     let mut p = BasicProperties::default();
     if has(0) {
-        p = p.with_content_type(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_content_type(v);
+        }
     }
     if has(1) {
-        p = p.with_content_encoding(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_content_encoding(v);
+        }
     }
     if has(2) {
         p = p.with_headers(r.table(0)?);
@@ -48,31 +70,47 @@ pub fn content_header(payload: &[u8]) -> Result<AMQPContentHeader, String> {
         p = p.with_priority(r.u8()?);
     }
     if has(5) {
-        p = p.with_correlation_id(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_correlation_id(v);
+        }
     }
     if has(6) {
-        p = p.with_reply_to(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_reply_to(v);
+        }
     }
     if has(7) {
-        p = p.with_expiration(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_expiration(v);
+        }
     }
     if has(8) {
-        p = p.with_message_id(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_message_id(v);
+        }
     }
     if has(9) {
         p = p.with_timestamp(r.u64()?);
     }
     if has(10) {
-        p = p.with_type(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_type(v);
+        }
     }
     if has(11) {
-        p = p.with_user_id(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_user_id(v);
+        }
     }
     if has(12) {
-        p = p.with_app_id(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_app_id(v);
+        }
     }
     if has(13) {
-        p = p.with_cluster_id(r.short_string()?);
+        if let Some(v) = r.short_string()? {
+            p = p.with_cluster_id(v);
+        }
     }
     Ok(AMQPContentHeader {
         class_id,
@@ -81,15 +119,23 @@ pub fn content_header(payload: &[u8]) -> Result<AMQPContentHeader, String> {
     })
 }
 
-struct Reader<'a>(&'a [u8]);
+struct Reader<'a, 'd> {
+    rest: &'a [u8],
+    /// Strings left out for not being UTF-8.
+    dropped: &'d mut u32,
+}
 
-impl<'a> Reader<'a> {
+impl<'a, 'd> Reader<'a, 'd> {
+    fn new(rest: &'a [u8], dropped: &'d mut u32) -> Self {
+        Reader { rest, dropped }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
+        if self.rest.len() < n {
             return Err("a truncated frame".into());
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
 
@@ -115,11 +161,11 @@ impl<'a> Reader<'a> {
 
     fn deliver(&mut self) -> Result<basic::Deliver, String> {
         Ok(basic::Deliver {
-            consumer_tag: self.short_string()?,
+            consumer_tag: self.lossy_short_string()?,
             delivery_tag: self.u64()?,
             redelivered: self.u8()? & 1 != 0,
-            exchange: self.short_string()?,
-            routing_key: self.short_string()?,
+            exchange: self.lossy_short_string()?,
+            routing_key: self.lossy_short_string()?,
         })
     }
 
@@ -128,21 +174,44 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
-    fn short_string(&mut self) -> Result<ShortString, String> {
+    /// A short string, or None (counted) when it is not UTF-8.
+    fn short_string(&mut self) -> Result<Option<ShortString>, String> {
         let n = self.u8()? as usize;
         let bytes = self.take(n)?;
-        std::str::from_utf8(bytes)
-            .map(ShortString::from)
-            .map_err(|_| "a short string that is not UTF-8".into())
+        match std::str::from_utf8(bytes) {
+            Ok(s) => Ok(Some(ShortString::from(s))),
+            Err(_) => {
+                *self.dropped += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A short string that must be there (an exchange, a routing key):
+    /// bytes that are not UTF-8 become U+FFFD, counted.
+    fn lossy_short_string(&mut self) -> Result<ShortString, String> {
+        let n = self.u8()? as usize;
+        let bytes = self.take(n)?;
+        match String::from_utf8_lossy(bytes) {
+            std::borrow::Cow::Borrowed(s) => Ok(ShortString::from(s)),
+            std::borrow::Cow::Owned(s) => {
+                *self.dropped += 1;
+                Ok(ShortString::from(s))
+            }
+        }
     }
 
     /// A field table `depth` tables or arrays down.
     fn table(&mut self, depth: u8) -> Result<FieldTable, String> {
-        let mut fields = Reader(self.long_bytes()?);
+        let mut fields = Reader::new(self.long_bytes()?, self.dropped);
         let mut table = FieldTable::default();
-        while !fields.0.is_empty() {
+        while !fields.rest.is_empty() {
             let name = fields.short_string()?;
-            table.insert(name, fields.value(depth)?);
+            let value = fields.value(depth)?;
+            // A field whose name is not UTF-8 is left out.
+            if let Some(name) = name {
+                table.insert(name, value);
+            }
         }
         Ok(table)
     }
@@ -171,9 +240,9 @@ impl<'a> Reader<'a> {
                 AMQPValue::Void
             }
             b'A' => {
-                let mut values = Reader(self.long_bytes()?);
+                let mut values = Reader::new(self.long_bytes()?, self.dropped);
                 let mut array = Vec::new();
-                while !values.0.is_empty() {
+                while !values.rest.is_empty() {
                     array.push(values.value(depth + 1)?);
                 }
                 AMQPValue::FieldArray(FieldArray::from(array))
@@ -215,15 +284,18 @@ mod tests {
             7,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(expected.clone())),
         ));
-        assert_eq!(deliver(&bytes).expect("a deliver").unwrap(), expected);
+        assert_eq!(
+            deliver(&bytes, &mut 0).expect("a deliver").unwrap(),
+            expected
+        );
         let (_, theirs) = amq_protocol::protocol::parse_class(&bytes[..]).unwrap();
         assert_eq!(
             theirs,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(expected.clone()))
         );
         // Other methods are left to amq-protocol; cut frames are errors.
-        assert!(deliver(&[0, 60, 0, 80, 0]).is_none());
-        assert!(deliver(&bytes[..bytes.len() - 1]).unwrap().is_err());
+        assert!(deliver(&[0, 60, 0, 80, 0], &mut 0).is_none());
+        assert!(deliver(&bytes[..bytes.len() - 1], &mut 0).unwrap().is_err());
     }
 
     #[test]
@@ -281,12 +353,12 @@ mod tests {
                 properties,
             };
             let bytes = payload(&AMQPFrame::Header(3, header.clone()));
-            let ours = content_header(&bytes).unwrap();
+            let ours = content_header(&bytes, &mut 0).unwrap();
             let (_, theirs) =
                 amq_protocol::frame::parsing::parse_content_header(&bytes[..]).unwrap();
             assert_eq!(ours, theirs);
             assert_eq!(ours, header);
-            assert!(content_header(&bytes[..bytes.len() - 1]).is_err());
+            assert!(content_header(&bytes[..bytes.len() - 1], &mut 0).is_err());
         }
     }
 
@@ -306,7 +378,7 @@ mod tests {
             body_size: 0,
             properties: BasicProperties::default().with_headers(headers),
         };
-        let ours = content_header(&payload(&AMQPFrame::Header(1, header))).unwrap();
+        let ours = content_header(&payload(&AMQPFrame::Header(1, header)), &mut 0).unwrap();
         let headers = ours.properties.headers().as_ref().unwrap();
         assert_eq!(
             headers.inner().get("after"),
@@ -324,5 +396,84 @@ mod tests {
             levels += 1;
         }
         assert_eq!(levels, MAX_NESTING as usize);
+    }
+
+    /// A content header written by hand, as a publisher that does not
+    /// check UTF-8 would: a header table with a bad name between two
+    /// good ones, and a message-id that is not UTF-8.
+    fn header_with_bad_strings() -> Vec<u8> {
+        let mut table = Vec::new();
+        for (name, value) in [
+            (&b"good"[..], &b"1"[..]),
+            (b"bad\xff", b"2"),
+            (b"also", b"3"),
+        ] {
+            table.push(name.len() as u8);
+            table.extend_from_slice(name);
+            table.push(b'S');
+            table.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            table.extend_from_slice(value);
+        }
+        let mut p = vec![0, 60, 0, 0];
+        p.extend_from_slice(&5u64.to_be_bytes());
+        // content-type, headers, message-id
+        p.extend_from_slice(&((1u16 << 15) | (1 << 13) | (1 << 7)).to_be_bytes());
+        p.push(10);
+        p.extend_from_slice(b"text/plain");
+        p.extend_from_slice(&(table.len() as u32).to_be_bytes());
+        p.extend_from_slice(&table);
+        p.push(3);
+        p.extend_from_slice(b"m\xc3\x28");
+        p
+    }
+
+    #[test]
+    fn strings_that_are_not_utf8_are_left_out_and_counted() {
+        let mut dropped = 0;
+        let header = content_header(&header_with_bad_strings(), &mut dropped).unwrap();
+        assert_eq!(dropped, 2, "the bad header name and the bad message-id");
+        let p = &header.properties;
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("text/plain")
+        );
+        assert_eq!(p.message_id(), &None);
+        let names: Vec<_> = p
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        assert_eq!(names, ["also", "good"]);
+        assert_eq!(header.body_size, 5);
+    }
+
+    #[test]
+    fn a_routing_key_that_is_not_utf8_is_kept_lossily() {
+        let mut p = vec![0, 60, 0, 60, 3];
+        p.extend_from_slice(b"tag");
+        p.extend_from_slice(&9u64.to_be_bytes());
+        p.push(0);
+        p.push(9);
+        p.extend_from_slice(b"amq.topic");
+        p.push(5);
+        p.extend_from_slice(b"no\xff01");
+        let mut dropped = 0;
+        let deliver = deliver(&p, &mut dropped).unwrap().unwrap();
+        assert_eq!(dropped, 1);
+        assert_eq!(deliver.routing_key.as_str(), "no\u{fffd}01");
+        assert_eq!(deliver.delivery_tag, 9);
+
+        let mut r = vec![0, 60, 0, 50, 1, 56, 3];
+        r.extend_from_slice(b"NO\xfe");
+        r.push(0);
+        r.push(2);
+        r.extend_from_slice(b"k\x80");
+        let mut dropped = 0;
+        let returned = returned(&r, &mut dropped).unwrap().unwrap();
+        assert_eq!((returned.reply_code, dropped), (312, 2));
+        assert!(returned.exchange.as_str().is_empty());
     }
 }
