@@ -1097,7 +1097,10 @@ impl<B: Broker> Session<B> {
                 Ok(())
             }
             Err(e) => {
-                broker.close().await;
+                tokio::spawn(broker.close());
+                for flight in &mut self.in_flight {
+                    flight.confirm = None;
+                }
                 let retry = matches!(e, BrokerError::Unavailable(_));
                 if retry {
                     self.reconnect_at = Instant::now() + self.config.amqp.reconnect_min;

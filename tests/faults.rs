@@ -425,7 +425,9 @@ async fn a_black_holed_broker_under_load_is_noticed_and_recovered() {
         c.amqp.url = proxy.amqp_url("");
         c.amqp.heartbeat = heartbeat;
         c.amqp.publish_timeout = Duration::from_secs(60);
-        c.amqp.connect_timeout = Duration::from_secs(1);
+        // Long enough that /readyz shows the heart-beat reason a while
+        // before a failed reconnect attempt's reason replaces it.
+        c.amqp.connect_timeout = Duration::from_secs(3);
         c.amqp.reconnect_max = Duration::from_millis(500);
         c.stomp.publish_rate = 100_000;
         c.stomp.publish_burst = 100_000;
@@ -455,6 +457,7 @@ async fn a_black_holed_broker_under_load_is_noticed_and_recovered() {
     )
     .await;
     let noticed = frozen.elapsed();
+    println!("black hole noticed after {noticed:?} (heart-beat {heartbeat:?})");
     assert!(
         noticed <= heartbeat * 2 + Duration::from_millis(1500),
         "noticed after {noticed:?}, heart-beat {heartbeat:?}"
@@ -465,6 +468,7 @@ async fn a_black_holed_broker_under_load_is_noticed_and_recovered() {
     proxy.set(Fault::Pass);
     let thawed = Instant::now();
     wait_readyz(&gw, 200, Duration::from_secs(5)).await;
+    println!("ready again {:?} after the thaw", thawed.elapsed());
     // Every held SEND is published again and confirmed, in order.
     let mut routed = 0;
     for i in 0..sends {
@@ -581,6 +585,7 @@ async fn hanging_connects_hold_neither_readyz_nor_sessions() {
         let asked = Instant::now();
         let (status, _) = common::readyz(&gw).await;
         let took = asked.elapsed();
+        println!("/readyz answered in {took:?} while connects hang");
         assert_eq!(status, 503);
         // 100 ms is the design's figure; the margin is for a loaded CI box.
         assert!(took < Duration::from_millis(500), "/readyz took {took:?}");
@@ -628,6 +633,7 @@ async fn a_memory_alarm_blocks_the_gateway_without_freezing_it() {
     common::settle(&gw, "stompgate_broker_blocked", 1.0).await;
     let error = publisher.expect_error().await;
     let took = sent.elapsed();
+    println!("blocked SENDs answered after {took:?}");
     assert!(took < Duration::from_secs(5), "ERROR after {took:?}");
     assert_eq!(error.get("receipt-id"), Some("big"));
     assert_eq!(error.get("stompgate-outcome"), Some("unknown"));
@@ -647,6 +653,10 @@ async fn a_memory_alarm_blocks_the_gateway_without_freezing_it() {
     drop(quitter);
     let dropped = Instant::now();
     common::settle(&gw, "stompgate_connections_open", 1.0).await;
+    println!(
+        "a closed socket's session ended {:?} after it",
+        dropped.elapsed()
+    );
     assert!(
         dropped.elapsed() < Duration::from_secs(3),
         "a closed WebSocket's session outlived it by {:?}",
@@ -726,7 +736,11 @@ async fn shutdown_during_an_outage_names_every_unanswered_send() {
     assert_eq!(error.get("message"), Some("server shutting down"));
     assert_eq!(error.get("stompgate-outcome"), Some("unknown"));
     assert_eq!(error.get("stompgate-unanswered"), Some("2"));
-    assert!(body_text(&error).contains("a1, a2"), "{}", body_text(&error));
+    assert!(
+        body_text(&error).contains("a1, a2"),
+        "{}",
+        body_text(&error)
+    );
     assert!(node.wait_exit(Duration::from_secs(30)).success());
     stopped.restart();
     wait_management().await;

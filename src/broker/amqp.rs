@@ -21,7 +21,7 @@ pub mod client;
 mod wire;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -133,6 +133,28 @@ struct Watch {
     metrics: Arc<Metrics>,
     /// Whether this connection is counted in `Health::blocked`.
     blocked: AtomicBool,
+    /// OPENING, OPEN (counted in `Health::open`) or ENDED: a connection
+    /// can end before its opener counted it, and must not be uncounted
+    /// then.
+    state: AtomicU8,
+}
+
+const OPENING: u8 = 0;
+const OPEN: u8 = 1;
+const ENDED: u8 = 2;
+
+impl Watch {
+    /// Counts the connection as open, unless it has ended already.
+    fn opened(&self) {
+        self.health.open.fetch_add(1, Ordering::AcqRel);
+        if self
+            .state
+            .compare_exchange(OPENING, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.health.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl client::Observer for Watch {
@@ -177,7 +199,11 @@ impl client::Observer for Watch {
             let any = health.blocked.load(Ordering::Relaxed) > 0;
             self.metrics.broker_blocked.set(i64::from(any));
         }
-        let left = health.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        let was_open = self.state.swap(ENDED, Ordering::AcqRel) == OPEN;
+        let left = match was_open {
+            true => health.open.fetch_sub(1, Ordering::AcqRel).saturating_sub(1),
+            false => health.open.load(Ordering::Acquire),
+        };
         if by_gateway {
             return;
         }
@@ -297,6 +323,9 @@ impl AmqpBroker {
                     None => BrokerError::Unavailable("no broker connection".into()),
                 })?,
         };
+        // A connection serves: whatever a failed attempt to open another
+        // said, the broker is up.
+        self.set_up(true);
         Ok((h.connection.clone(), h.load.clone()))
     }
 
@@ -319,13 +348,14 @@ impl AmqpBroker {
                 health: self.health.clone(),
                 metrics: self.metrics.clone(),
                 blocked: AtomicBool::new(false),
+                state: AtomicU8::new(OPENING),
             });
             let mut options = self.options.clone();
             options.observer = watch.clone();
             let opening = Connection::open(url, &options);
             let why = match tokio::time::timeout(self.connect_timeout, opening).await {
                 Ok(Ok(connection)) => {
-                    self.health.open.fetch_add(1, Ordering::Relaxed);
+                    watch.opened();
                     self.current.store(index, Ordering::Relaxed);
                     self.metrics.broker_connections_opened.inc();
                     if self.health.lost.swap(false, Ordering::Relaxed) {

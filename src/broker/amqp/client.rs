@@ -509,6 +509,13 @@ impl Inner {
 
     /// Ends the connection: every channel fails with `why`.
     fn fail(&self, why: String) {
+        self.end(why, false);
+    }
+
+    /// Ends the connection, once: every channel fails with `why`, and the
+    /// observer hears of it (`by_gateway` when its last handle was
+    /// dropped, rather than the broker or the network ending it).
+    fn end(&self, why: String, by_gateway: bool) {
         {
             let mut failure = lock(&self.failure);
             if failure.is_some() {
@@ -516,6 +523,7 @@ impl Inner {
             }
             *failure = Some(why.clone());
         }
+        self.observer.ended(&why, by_gateway);
         self.open.store(false, Ordering::Relaxed);
         self.stop.cancel();
         self.drained.notify_waiters();
@@ -1533,11 +1541,7 @@ async fn read_loop(
         }
     };
     tracing::debug!(%why, "AMQP connection ended");
-    let first = lock(&inner.failure).is_none();
-    inner.fail(why.clone());
-    if first {
-        inner.observer.ended(&why, by_gateway);
-    }
+    inner.end(why, by_gateway);
 }
 
 /// Writes what sessions queued, in batches, and heart-beats when idle.
