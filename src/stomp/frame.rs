@@ -86,6 +86,11 @@ pub enum FrameError {
     MissingNul,
     #[error("carriage return not followed by line feed")]
     BadEol,
+    /// A NUL ends a frame: passed on inside a header, it would end the
+    /// MESSAGE a subscriber reads there, and what follows would read as a
+    /// frame of the sender's making.
+    #[error("NUL byte in a header")]
+    NulInHeader,
 }
 
 impl FrameError {
@@ -121,6 +126,17 @@ pub struct Decoder {
     limits: Limits,
     escapes: bool,
     head: Option<Head>,
+    /// How far the buffer was searched for the blank line that ends a
+    /// head, and where its last line began: a head that trickles in is
+    /// searched once, not again from its start at every arrival.
+    head_scan: HeadScan,
+}
+
+#[derive(Debug, Default)]
+struct HeadScan {
+    searched: usize,
+    line_start: usize,
+    lines: usize,
 }
 
 impl Decoder {
@@ -130,6 +146,7 @@ impl Decoder {
             limits,
             escapes: true,
             head: None,
+            head_scan: HeadScan::default(),
         }
     }
 
@@ -151,7 +168,18 @@ impl Decoder {
     /// Heart-beat EOLs are consumed silently.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.head.is_none() {
-            self.skip_heartbeats()?;
+            // Heart-beat EOLs come before a frame's first line only.
+            if self.head_scan.lines == 0 {
+                let before = self.buf.len();
+                self.skip_heartbeats()?;
+                if self.buf.len() != before {
+                    self.head_scan = HeadScan::default();
+                }
+            }
+            if !self.head_complete()? {
+                return Ok(None);
+            }
+            self.head_scan = HeadScan::default();
             match self.parse_head()? {
                 Some(head) => self.head = Some(head),
                 None => return Ok(None),
@@ -219,6 +247,56 @@ impl Decoder {
         }
     }
 
+    /// Whether the blank line that ends the head has arrived, searching
+    /// only what came since the last call. Enforces the line, header count
+    /// and frame limits on the way, so a head never grows past them.
+    fn head_complete(&mut self) -> Result<bool, FrameError> {
+        let limits = self.limits;
+        let scan = &mut self.head_scan;
+        while let Some(offset) = self.buf[scan.searched..].iter().position(|&b| b == b'\n') {
+            let nl = scan.searched + offset;
+            let mut line = &self.buf[scan.line_start..nl];
+            if let Some(stripped) = line.strip_suffix(b"\r") {
+                line = stripped;
+            }
+            if line.len() > limits.max_header_bytes {
+                return Err(FrameError::HeaderTooLong {
+                    limit: limits.max_header_bytes,
+                });
+            }
+            if nl >= limits.max_frame_bytes {
+                return Err(FrameError::TooLarge {
+                    limit: limits.max_frame_bytes,
+                });
+            }
+            // The command line is never empty: heart-beats were skipped.
+            if line.is_empty() {
+                return Ok(true);
+            }
+            scan.lines += 1;
+            // The command and max_headers headers; parse_head says which.
+            if scan.lines > limits.max_headers + 1 {
+                return Err(FrameError::TooManyHeaders {
+                    limit: limits.max_headers,
+                });
+            }
+            scan.line_start = nl + 1;
+            scan.searched = nl + 1;
+        }
+        scan.searched = self.buf.len();
+        if self.buf.len() - scan.line_start > limits.max_header_bytes {
+            return Err(FrameError::HeaderTooLong {
+                limit: limits.max_header_bytes,
+            });
+        }
+        if self.buf.len() > limits.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                limit: limits.max_frame_bytes,
+            });
+        }
+        Ok(false)
+    }
+
     /// Parses command and headers once the blank line has arrived.
     fn parse_head(&self) -> Result<Option<Head>, FrameError> {
         let limits = self.limits;
@@ -282,6 +360,9 @@ impl Decoder {
                     limit: limits.max_headers,
                 });
             }
+            if line.contains(&0) {
+                return Err(FrameError::NulInHeader);
+            }
             let line = std::str::from_utf8(line).map_err(|_| FrameError::NotUtf8)?;
             let Some((name, value)) = line.split_once(':') else {
                 return Err(FrameError::MissingColon(line.to_owned()));
@@ -332,6 +413,9 @@ fn escape_into(out: &mut Vec<u8>, s: &str, escapes: bool) {
             // Without escaping (STOMP 1.0, CONNECTED) a line break would
             // end the header and let a value inject headers: drop it.
             (b'\n' | b'\r', false) => b"",
+            // STOMP cannot escape a NUL, and one would end the frame: an
+            // AMQP publisher may put one in a header. Dropped.
+            (0, _) => b"",
             _ => continue,
         };
         out.extend_from_slice(&bytes[plain..i]);
@@ -437,5 +521,47 @@ mod tests {
         d.feed(b"c\0");
         assert_eq!(d.next_frame().unwrap().unwrap().body.as_ref(), b"abc");
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn a_head_fed_byte_by_byte_is_searched_once() {
+        let mut d = Decoder::new(Limits {
+            max_frame_bytes: 1 << 20,
+            max_headers: 10_000,
+            max_header_bytes: 1 << 20,
+        });
+        let mut frame = b"SEND\ndestination:/topic/a\n".to_vec();
+        for i in 0..2000 {
+            frame.extend_from_slice(format!("h{i}:{}\n", "v".repeat(100)).as_bytes());
+        }
+        frame.extend_from_slice(b"\nbody\0");
+        for (i, b) in frame.iter().enumerate() {
+            d.feed(&[*b]);
+            let got = d.next_frame().unwrap();
+            assert_eq!(got.is_some(), i == frame.len() - 1);
+            // Each arrival searches only itself, not the head again.
+            if d.head.is_none() {
+                assert_eq!(d.head_scan.searched, d.buffered(), "at byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_heart_beat_split_between_arrivals_is_still_a_heart_beat() {
+        let mut d = decoder();
+        d.feed(b"\r");
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.feed(b"\nSEND\n\n\0");
+        let frame = d.next_frame().unwrap().expect("a frame");
+        assert_eq!(frame.command, "SEND");
+    }
+
+    #[test]
+    fn a_nul_in_a_header_is_refused_and_never_written() {
+        let mut d = decoder();
+        d.feed(b"SEND\ndestination:/topic/a\naaa:x\0ERROR\n\n\0");
+        assert_eq!(d.next_frame(), Err(FrameError::NulInHeader));
+        let bytes = encode(&Frame::new("MESSAGE").header("h", "x\0ERROR"), true);
+        assert_eq!(bytes, b"MESSAGE\nh:xERROR\n\n\0");
     }
 }
