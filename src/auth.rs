@@ -6,10 +6,13 @@
 //! `/exchange/<exchange>/…`. A wildcard SUBSCRIBE is allowed only when
 //! everything it could receive is granted: `news.*` does not cover `#`.
 
+mod passwords;
+
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::password_hash::PasswordHash;
 use argon2::Argon2;
 use serde::Deserialize;
 
@@ -36,6 +39,15 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     pub users: Vec<UserConfig>,
     pub jwt: JwtConfig,
+    /// Password checks running at once; 0: one per CPU core.
+    pub max_concurrent_logins: usize,
+    /// Password checks waiting for their turn; beyond, "try again later".
+    pub max_pending_logins: usize,
+    /// Failed logins a client address (IPv6: its /64) or a user name may
+    /// have within `failed_login_window` before it is refused unchecked.
+    pub failed_login_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub failed_login_window: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +63,10 @@ pub struct JwtConfig {
     pub issuer: String,
     /// When not empty, the `aud` a token must carry.
     pub audience: String,
+    /// How far ahead of this node's clock a token's `nbf` may be: the
+    /// issuer's clock may run a little fast.
+    #[serde(with = "humantime_serde")]
+    pub nbf_leeway: std::time::Duration,
 }
 
 /// The claims stompgate reads from a token.
@@ -59,6 +75,8 @@ struct Claims {
     sub: Option<String>,
     /// Seconds since the Unix epoch; required.
     exp: u64,
+    /// Not before, in seconds since the Unix epoch; checked when present.
+    nbf: Option<u64>,
     #[serde(default)]
     stomp: StompClaim,
 }
@@ -203,6 +221,31 @@ pub enum AuthError {
     /// more than this.
     #[error("access refused")]
     Refused,
+    /// Too many password checks wait already.
+    #[error("too many logins are being checked: try again later")]
+    Busy,
+    /// Too many failed logins from the address or for the user lately.
+    #[error("too many failed logins from this address or for this user: try again later")]
+    Throttled,
+}
+
+impl AuthError {
+    /// The ERROR's `message` header.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            AuthError::Refused => "access refused",
+            AuthError::Busy | AuthError::Throttled => "try again later",
+        }
+    }
+
+    /// The refusal's label in `refusals_total{limit}`.
+    pub fn limit(&self) -> &'static str {
+        match self {
+            AuthError::Refused => "auth",
+            AuthError::Busy => "auth.max_pending_logins",
+            AuthError::Throttled => "auth.failed_login_limit",
+        }
+    }
 }
 
 struct User {
@@ -215,8 +258,14 @@ pub struct Auth {
     users: HashMap<String, User>,
     open: Arc<Grants>,
     jwt: Option<(DecodingKey, Validation)>,
+    nbf_leeway: std::time::Duration,
     default_exchange: String,
+    passwords: passwords::Checker,
 }
+
+/// Tokens that claim to last longer than this are refused: no issuer
+/// means it, and such an `exp` could not be represented as a deadline.
+const MAX_TOKEN_LIFE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
 
 /// A valid hash of no password anyone knows: unknown logins are checked
 /// against it, so they take as long as wrong passcodes.
@@ -256,7 +305,14 @@ impl Auth {
             users,
             open: Arc::new(Grants::everything(default_exchange)),
             jwt,
+            nbf_leeway: config.jwt.nbf_leeway,
             default_exchange: default_exchange.to_owned(),
+            passwords: passwords::Checker::new(
+                config.max_concurrent_logins,
+                config.max_pending_logins,
+                config.failed_login_limit,
+                config.failed_login_window,
+            ),
         })
     }
 
@@ -271,6 +327,7 @@ impl Auth {
         login: Option<&str>,
         passcode: Option<&str>,
         upgrade_token: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> Result<Identity, AuthError> {
         match self.mode {
             AuthMode::None => Ok(Identity {
@@ -279,7 +336,7 @@ impl Auth {
                 expires: None,
             }),
             AuthMode::Users => {
-                let grants = self.check_password(login, passcode).await?;
+                let grants = self.check_password(login, passcode, peer).await?;
                 Ok(Identity {
                     user: login.map(str::to_owned),
                     grants,
@@ -301,6 +358,25 @@ impl Auth {
                 AuthError::Refused
             })?
             .claims;
+        let now = std::time::SystemTime::now();
+        let since_epoch = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if let Some(nbf) = claims.nbf {
+            if std::time::Duration::from_secs(nbf) > since_epoch + self.nbf_leeway {
+                tracing::debug!(nbf, "token refused: not valid yet");
+                return Err(AuthError::Refused);
+            }
+        }
+        // An exp past any real token's life (u64::MAX, say) is refused
+        // rather than turned into a time that cannot be represented.
+        let expires = std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_secs(claims.exp))
+            .filter(|at| at.duration_since(now).unwrap_or_default() < MAX_TOKEN_LIFE)
+            .ok_or_else(|| {
+                tracing::debug!(exp = claims.exp, "token refused: absurd exp");
+                AuthError::Refused
+            })?;
         let grants = Grants::new(
             &self.default_exchange,
             &claims.stomp.subscribe,
@@ -309,30 +385,29 @@ impl Auth {
         Ok(Identity {
             user: claims.sub,
             grants: Arc::new(grants),
-            expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp)),
+            expires: Some(expires),
         })
     }
 
-    /// Password hashing is slow on purpose, so it runs off the async workers.
+    /// Password hashing is slow on purpose: bounded, off the async
+    /// workers, throttled per address and user (see [`passwords`]).
     async fn check_password(
         &self,
         login: Option<&str>,
         passcode: Option<&str>,
+        peer: Option<IpAddr>,
     ) -> Result<Arc<Grants>, AuthError> {
         let user = login.and_then(|l| self.users.get(l));
-        let hash = user.map_or(DECOY_HASH, |u| u.hash.as_str()).to_owned();
-        let passcode = passcode.unwrap_or_default().to_owned();
-        let verified = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|parsed| {
-                    Argon2::default()
-                        .verify_password(passcode.as_bytes(), &parsed)
-                        .is_ok()
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let hash = user.map_or(DECOY_HASH, |u| u.hash.as_str());
+        let verified = self
+            .passwords
+            .check(
+                hash,
+                passcode.unwrap_or_default(),
+                peer,
+                login.unwrap_or_default(),
+            )
+            .await?;
         match user {
             Some(user) if verified => Ok(user.grants.clone()),
             _ => Err(AuthError::Refused),
@@ -373,7 +448,18 @@ fn jwt_validation(config: &JwtConfig) -> Result<(DecodingKey, Validation), Strin
     };
     let mut validation = Validation::new(algorithm);
     validation.leeway = 0;
-    validation.set_required_spec_claims(&["exp"]);
+    // nbf is checked by check_token, with its own leeway.
+    validation.validate_nbf = false;
+    // A configured issuer or audience must be there, not only right when
+    // it is.
+    let mut required = vec!["exp"];
+    if !config.issuer.is_empty() {
+        required.push("iss");
+    }
+    if !config.audience.is_empty() {
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
     if !config.issuer.is_empty() {
         validation.set_issuer(&[&config.issuer]);
     }

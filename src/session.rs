@@ -311,14 +311,15 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
             connect.login.as_deref(),
             connect.passcode.as_deref(),
             ctx.upgrade_token.as_deref(),
+            ctx.peer.map(|p| p.ip()),
         )
         .await
     {
         Ok(identity) => identity,
         Err(refused) => {
-            info!(login = connect.login.as_deref(), "authentication failed");
-            conn.refused("auth");
-            let frame = command::error("access refused", &refused.to_string(), receipt.as_deref());
+            info!(login = connect.login.as_deref(), %refused, "authentication failed");
+            conn.refused(refused.limit());
+            let frame = command::error(refused.summary(), &refused.to_string(), receipt.as_deref());
             conn.finish(Some(frame), CLOSE_NORMAL).await;
             record_end(&End::Failed, &ctx.metrics);
             return;

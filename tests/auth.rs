@@ -96,6 +96,97 @@ async fn wrong_unknown_or_missing_credentials_are_refused_alike() {
     gw.stop().await;
 }
 
+/// The test process's resident memory (the gateway runs in it).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sends CONNECT with `passcode` for `user`; the ERROR's message.
+async fn refusal(gw: &Gateway, user: &str, passcode: &str) -> String {
+    let mut client = Client::open(gw).await;
+    client
+        .send_frame(&connect_frame(Some(user), Some(passcode)))
+        .await;
+    let error = client.expect_error().await;
+    error.get("message").unwrap_or_default().to_owned()
+}
+
+/// Failed logins cannot exhaust the node: 48 wrong passcodes at once run
+/// at most a core's worth of argon2 checks at a time, each in a reused
+/// memory block (before: 48 × 19 MiB at once), and an address that keeps
+/// failing is turned away without a check, the right passcode included,
+/// until auth.failed_login_window has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_bounded_and_throttled() {
+    let (editor, _) = hashes().clone();
+    let gw = Gateway::start_with(move |c| {
+        c.auth.mode = AuthMode::Users;
+        c.auth.users = vec![UserConfig {
+            name: "editor".into(),
+            password_hash: editor,
+            subscribe: vec![],
+            publish: vec![],
+        }];
+        c.auth.failed_login_limit = 1000;
+    })
+    .await;
+    let before = resident_kib();
+    let mut attempts = Vec::new();
+    for i in 0..48 {
+        let url = gw.ws_url();
+        attempts.push(tokio::spawn(async move {
+            let mut client = Client::open_url(&url, &[]).await;
+            client
+                .send_frame(&connect_frame(Some(&format!("u{i}")), Some("wrong")))
+                .await;
+            client.expect_error().await
+        }));
+    }
+    let mut busy = 0;
+    for attempt in attempts {
+        let error = attempt.await.unwrap();
+        match error.get("message") {
+            Some("access refused") => {}
+            Some("try again later") => busy += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    let grown_mib = resident_kib().saturating_sub(before) / 1024;
+    println!("48 failed logins at once: {busy} told to try later, RSS +{grown_mib} MiB");
+    assert!(grown_mib < 200, "RSS grew {grown_mib} MiB");
+    gw.stop().await;
+
+    let (editor, _) = hashes().clone();
+    let gw = Gateway::start_with(move |c| {
+        c.auth.mode = AuthMode::Users;
+        c.auth.users = vec![UserConfig {
+            name: "editor".into(),
+            password_hash: editor,
+            subscribe: vec![],
+            publish: vec![],
+        }];
+        c.auth.failed_login_limit = 3;
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(
+            refusal(&gw, &format!("guess{i}"), "wrong").await,
+            "access refused"
+        );
+    }
+    assert_eq!(
+        refusal(&gw, "editor", "editor-pass").await,
+        "try again later"
+    );
+    assert_eq!(refusals(&gw, "auth.failed_login_limit").await, 1.0);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn grants_separate_subscribe_from_send() {
     let root = unique("grant");
@@ -315,6 +406,57 @@ mod jwt {
         ] {
             refused(Client::open(&gw).await, passcode).await;
         }
+        gw.stop().await;
+    }
+
+    /// A configured issuer and audience are required, not only checked
+    /// when present; nbf is honoured within auth.jwt.nbf_leeway; an exp
+    /// no issuer means (u64::MAX) is refused without harm to the node.
+    #[tokio::test]
+    async fn claims_that_are_missing_early_or_absurd_are_refused() {
+        let gw = Gateway::start_with(|c| {
+            c.auth.mode = AuthMode::Jwt;
+            c.auth.jwt.algorithm = "HS256".into();
+            c.auth.jwt.secret = SECRET.into();
+            c.auth.jwt.issuer = "https://issuer.example".into();
+            c.auth.jwt.audience = "stompgate".into();
+        })
+        .await;
+        let with = |extra: serde_json::Value| {
+            let mut claims = claims(now() + 600, &["#".into()], &[]);
+            for (k, v) in extra.as_object().unwrap() {
+                claims[k] = v.clone();
+            }
+            hs256(&claims)
+        };
+        let good = serde_json::json!({"iss": "https://issuer.example", "aud": "stompgate"});
+        let mut client = Client::open(&gw).await;
+        client
+            .handshake(connect_frame(None, Some(&with(good.clone()))))
+            .await;
+        client.disconnect().await;
+        let refused_tokens = [
+            with(serde_json::json!({"aud": "stompgate"})),
+            with(serde_json::json!({"iss": "https://issuer.example"})),
+            with(serde_json::json!({
+                "iss": "https://issuer.example", "aud": "stompgate", "nbf": now() + 3600,
+            })),
+            with(serde_json::json!({
+                "iss": "https://issuer.example", "aud": "stompgate", "exp": u64::MAX,
+            })),
+        ];
+        for token in &refused_tokens {
+            refused(Client::open(&gw).await, Some(token)).await;
+        }
+        // nbf a few seconds ahead is within the default leeway (30 s).
+        let skewed = with(serde_json::json!({
+            "iss": "https://issuer.example", "aud": "stompgate", "nbf": now() + 5,
+        }));
+        let mut client = Client::open(&gw).await;
+        client.handshake(connect_frame(None, Some(&skewed))).await;
+        client.disconnect().await;
+        // Nothing was left behind by the refusals: no session is stuck.
+        common::settle(&gw, "stompgate_connections_open", 0.0).await;
         gw.stop().await;
     }
 
