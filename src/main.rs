@@ -146,6 +146,8 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("signal received: shutting down");
+    // Cancel first: the log line after it may fail or block on a pipe whose
+    // reader is gone, and must not keep the gateway from stopping.
     shutdown.cancel();
+    tracing::info!("signal received: shutting down");
 }

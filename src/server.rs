@@ -97,6 +97,34 @@ pub async fn run<B: Broker>(
     info!("stopped");
 }
 
+/// Pause after a failed accept (e.g. out of file descriptors) before the
+/// next.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+/// Failed accepts are logged at most this often, with how many were not.
+const ACCEPT_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Rate-limits the log of failed accepts.
+#[derive(Default)]
+struct AcceptFailures {
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, error: &std::io::Error) {
+        if self
+            .logged
+            .is_some_and(|at| at.elapsed() < ACCEPT_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        warn!(%error, unlogged = self.unlogged, "accept failed; retrying in 100 ms");
+        self.logged = Some(std::time::Instant::now());
+        self.unlogged = 0;
+    }
+}
+
 /// Longest a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -117,13 +145,20 @@ async fn serve<F>(
         + 'static,
     F::Future: Send,
 {
+    let mut failures = AcceptFailures::default();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    failures.note(&e);
+                    // Out of file descriptors (EMFILE) does not pass in a
+                    // microsecond: retrying at once would spin and flood.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
                     continue;
                 }
             },

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::{waker_ref, ArcWake, AtomicWaker};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -34,6 +34,9 @@ use crate::websocket::{self, Message, WebSocket};
 /// until then (instead of dropping the socket) keeps a TCP reset from
 /// discarding the ERROR frame the client has not read yet.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most bytes read and dropped while a refused client is still sending
+/// (an oversized message on its way) before the socket is let go.
+const DRAIN_BYTES: usize = 16 << 20;
 
 /// WebSocket close codes (RFC 6455).
 const CLOSE_NORMAL: u16 = 1000;
@@ -238,9 +241,11 @@ struct Subscription {
     gap: bool,
 }
 
-/// A SEND, ACK or NACK held back until its transaction commits.
+/// A SEND, ACK or NACK held back until its transaction commits. A SEND
+/// is held checked (destination, exchange, grants), so that COMMIT
+/// publishes all or, for a SEND that could never be, nothing.
 enum Deferred {
-    Send(command::Send),
+    Send(Publish),
     Ack(String),
     Nack(String),
 }
@@ -258,10 +263,37 @@ pub async fn run<B: Broker>(ws: WebSocket, ctx: SessionContext<B>) {
         .peer
         .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
     let span = tracing::info_span!("session", session = %id, %peer);
-    let metrics = ctx.metrics.clone();
-    metrics.connections_open.inc();
-    run_session(ws, ctx, id, peer).instrument(span).await;
-    metrics.connections_open.dec();
+    let _open = OpenConnection::count(ctx.metrics.clone());
+    // A panic ends this session only. Unwinding drops what it holds: its
+    // channel (so its exclusive queue goes), its admin entry, its
+    // connection slot, and `_open` its count.
+    let session =
+        std::panic::AssertUnwindSafe(run_session(ws, ctx, id, peer).instrument(span.clone()));
+    if let Err(panic) = session.catch_unwind().await {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        span.in_scope(|| tracing::error!(panic = what, "session panicked; only it was ended"));
+    }
+}
+
+/// Counts an open WebSocket connection in `connections_open` for as long
+/// as it lives, however its task ends.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn count(metrics: Arc<Metrics>) -> OpenConnection {
+        metrics.connections_open.inc();
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
 }
 
 async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String, peer: String) {
@@ -467,6 +499,10 @@ struct Connection {
     last_read: Instant,
     /// When the incomplete frame in the decoder began arriving.
     partial_since: Option<Instant>,
+    /// When bytes of a WebSocket message not yet complete began arriving
+    /// (a message in fragments, or one trickling in): it counts toward
+    /// `stomp.frame_timeout` like a partial frame.
+    message_since: Option<Instant>,
     /// Bytes written since the last flush (still in the socket's buffer).
     unflushed: usize,
     read_ready: Arc<ReadReady>,
@@ -493,6 +529,14 @@ impl ArcWake for ReadReady {
     }
 }
 
+/// What a read of the socket gave: a message (or the socket's error), or
+/// only part of a message, which makes the loop look at its deadlines
+/// again.
+enum Read {
+    Message(Result<Message, websocket::Error>),
+    Partial,
+}
+
 /// What the client side produced: a message's worth of bytes, or its end.
 enum Inbound {
     Bytes,
@@ -514,6 +558,7 @@ impl Connection {
             last_write: Instant::now(),
             last_read: Instant::now(),
             partial_since: None,
+            message_since: None,
             unflushed: 0,
             read_ready: Arc::new(ReadReady {
                 ready: AtomicBool::new(true),
@@ -526,21 +571,35 @@ impl Connection {
 
     /// The socket's next message, read only when it may have one (see
     /// [`ReadReady`]).
-    fn poll_message(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Message, websocket::Error>>> {
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Read>> {
         self.read_ready.task.register(cx.waker());
         if !self.read_ready.ready.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
         let waker = waker_ref(&self.read_ready);
+        let before = self.ws.get_ref().bytes_read();
         let polled = self.ws.poll_next_unpin(&mut Context::from_waker(&waker));
         if polled.is_ready() {
             // More may wait in tungstenite's buffer, with no wake to come.
             self.read_ready.ready.store(true, Ordering::Release);
+            self.message_since = None;
+        } else if self.ws.get_ref().bytes_read() != before {
+            // Bytes came, but no whole message: the loop is told, so that
+            // it arms stomp.frame_timeout for the message (the socket's
+            // waker is registered; the next poll waits for it).
+            self.message_since.get_or_insert_with(Instant::now);
+            return Poll::Ready(Some(Read::Partial));
         }
-        polled
+        polled.map(|message| message.map(Read::Message))
+    }
+
+    /// When the frame or WebSocket message now arriving must be complete.
+    fn frame_deadline(&self, frame_timeout: Duration) -> Option<Instant> {
+        let since = match (self.partial_since, self.message_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        since.map(|t| t + frame_timeout)
     }
 
     /// Reads until the first frame; it must be CONNECT or STOMP.
@@ -576,9 +635,13 @@ impl Connection {
     /// the socket loses nothing when dropped.
     async fn read(&mut self) -> Inbound {
         match std::future::poll_fn(|cx| self.poll_message(cx)).await {
-            Some(Ok(message)) => {
+            Some(Read::Message(Ok(message))) => {
                 self.last_read = Instant::now();
                 if message.is_close() {
+                    // tungstenite queued the answering close frame (RFC
+                    // 6455 §5.5.1): send it, so the client sees a clean
+                    // close rather than 1006.
+                    let _ = timeout(CLOSE_GRACE, self.ws.flush()).await;
                     return Inbound::End(End::PeerGone);
                 }
                 if let Some(data) = websocket::data(&message) {
@@ -586,7 +649,8 @@ impl Connection {
                 }
                 Inbound::Bytes
             }
-            Some(Err(e)) => {
+            Some(Read::Partial) => Inbound::Bytes,
+            Some(Read::Message(Err(e))) => {
                 debug!(error = %e, "websocket read failed");
                 if let websocket::Error::Capacity(_) = e {
                     self.refused("server.max_message_bytes");
@@ -595,8 +659,11 @@ impl Connection {
                         "WebSocket message larger than server.max_message_bytes",
                         None,
                     );
-                    let _ = self.write(&error).await;
-                    let _ = self.send_close(CLOSE_TOO_BIG).await;
+                    if self.write(&error).await.is_ok()
+                        && self.send_close(CLOSE_TOO_BIG).await.is_ok()
+                    {
+                        self.drain().await;
+                    }
                     return Inbound::End(End::Failed);
                 }
                 Inbound::End(End::PeerGone)
@@ -751,8 +818,43 @@ impl Connection {
         if self.send_close(code).await.is_err() {
             return;
         }
+        let answered = timeout(CLOSE_GRACE, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(message)) if message.is_close() => return true,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return false,
+                }
+            }
+        })
+        .await;
+        // Not answered: the client may still be sending (an oversized
+        // frame or message on its way). Dropping the socket with unread
+        // bytes would make the kernel reset it, and a reset can destroy
+        // the ERROR before the client reads it.
+        if answered != Ok(true) {
+            self.drain().await;
+        }
+    }
+
+    /// After the close frame: ends our side of the TCP connection, then
+    /// reads and drops what the client still sends until it closes
+    /// (bounded by CLOSE_GRACE and DRAIN_BYTES), below the WebSocket
+    /// protocol, which may have given up on the stream already.
+    async fn drain(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = timeout(CLOSE_GRACE, self.ws.flush()).await;
+        let io = self.ws.get_mut();
+        let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
+        let mut buf = vec![0u8; 16 << 10];
+        let mut left = DRAIN_BYTES;
         let _ = timeout(CLOSE_GRACE, async {
-            while let Some(Ok(_)) = self.ws.next().await {}
+            while left > 0 {
+                match io.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
         })
         .await;
     }
@@ -857,7 +959,7 @@ impl<B: Broker> Session<B> {
                 .front()
                 .filter(|f| f.message.is_some())
                 .map(|f| f.since + publish_timeout);
-            let frame_deadline = self.conn.partial_since.map(|t| t + frame_timeout);
+            let frame_deadline = self.conn.frame_deadline(frame_timeout);
             let release_acks = self.held_acks.map(|h| h.since + ACK_DELAY);
             // A broker that reads nothing (blocked by an alarm) holds the
             // client back rather than its SENDs piling up in the gateway.
@@ -890,6 +992,13 @@ impl<B: Broker> Session<B> {
                         Inbound::Bytes => {
                             if let Some(end) = self.process_buffered().await {
                                 return end;
+                            }
+                            // Checked here too: a client that never pauses
+                            // keeps this branch ready, and the deadline's
+                            // own branch below would never be reached.
+                            let overdue = self.conn.frame_deadline(frame_timeout);
+                            if overdue.is_some_and(|t| t <= Instant::now()) {
+                                return self.frame_timed_out(frame_timeout).await;
                             }
                         }
                         Inbound::End(end) => return end,
@@ -926,13 +1035,7 @@ impl<B: Broker> Session<B> {
                     }
                 }
                 _ = sleep_until(frame_deadline.unwrap_or(far)), if frame_deadline.is_some() => {
-                    let detail = format!(
-                        "a frame took longer than stomp.frame_timeout ({frame_timeout:?}) to arrive"
-                    );
-                    self.conn.refused("stomp.frame_timeout");
-                    let error = command::error("frame timeout", &detail, None);
-                    self.conn.finish(Some(error), CLOSE_NORMAL).await;
-                    return End::Failed;
+                    return self.frame_timed_out(frame_timeout).await;
                 }
                 _ = sleep_until(self.expires.unwrap_or(far)), if self.expires.is_some() => {
                     self.conn.refused("auth");
@@ -1001,6 +1104,17 @@ impl<B: Broker> Session<B> {
                 }
             }
         }
+    }
+
+    /// A frame (or WebSocket message) took longer than
+    /// `stomp.frame_timeout` to arrive: ERROR and close.
+    async fn frame_timed_out(&mut self, frame_timeout: Duration) -> End {
+        let detail =
+            format!("a frame took longer than stomp.frame_timeout ({frame_timeout:?}) to arrive");
+        self.conn.refused("stomp.frame_timeout");
+        let error = command::error("frame timeout", &detail, None);
+        self.conn.finish(Some(error), CLOSE_NORMAL).await;
+        End::Failed
     }
 
     /// Passes a broker result on, except that losing the broker is not the
@@ -1162,8 +1276,16 @@ impl<B: Broker> Session<B> {
                 return Ok(());
             }
             ClientCommand::Send(send) => match send.transaction.clone() {
-                Some(tx) => self.defer(&tx, Deferred::Send(send))?,
-                None => return self.publish(send, receipt).await,
+                Some(tx) => {
+                    // Checked now, not at COMMIT: a SEND that may not be
+                    // published is not held at all.
+                    let message = self.prepare(send)?;
+                    self.defer(&tx, Deferred::Send(message))?
+                }
+                None => {
+                    let message = self.prepare(send)?;
+                    return self.publish(message, receipt).await;
+                }
             },
             ClientCommand::Subscribe {
                 id,
@@ -1201,7 +1323,7 @@ impl<B: Broker> Session<B> {
                 let tx = self.take_transaction(&transaction)?;
                 for deferred in tx.frames {
                     match deferred {
-                        Deferred::Send(send) => self.publish(send, None).await?,
+                        Deferred::Send(message) => self.publish(message, None).await?,
                         Deferred::Ack(id) => self.acknowledge(&id, true).await?,
                         Deferred::Nack(id) => self.acknowledge(&id, false).await?,
                     }
@@ -1247,8 +1369,14 @@ impl<B: Broker> Session<B> {
                 ),
             });
         }
-        if let Deferred::Send(send) = &deferred {
-            tx.bytes += send.body.len();
+        if let Deferred::Send(message) = &deferred {
+            // Headers cost memory as bodies do.
+            let headers: usize = message
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 2)
+                .sum();
+            tx.bytes += message.body.len() + headers;
             if tx.bytes > stomp.max_transaction_bytes {
                 return Err(SessionError::Limit {
                     key: "stomp.max_transaction_bytes",
@@ -1263,25 +1391,30 @@ impl<B: Broker> Session<B> {
         Ok(())
     }
 
-    /// Publishes a SEND (or holds it while the broker is away); its confirm
-    /// and receipt join the in-flight queue.
-    async fn publish(
-        &mut self,
-        send: command::Send,
-        receipt: Option<&str>,
-    ) -> Result<(), SessionError> {
-        self.entry.messages_in.fetch_add(1, Ordering::Relaxed);
+    /// A SEND as a message to publish, once its destination is valid and
+    /// granted.
+    fn prepare(&self, send: command::Send) -> Result<Publish, SessionError> {
         let destination =
             Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
         self.check_exchange(&destination)?;
         if !self.grants.may_publish(&destination.route) {
             return Err(denied_by_grants(Use::Send, &send.destination));
         }
-        let message = Publish {
+        Ok(Publish {
             route: destination.route,
             headers: send.headers,
             body: send.body,
-        };
+        })
+    }
+
+    /// Publishes a message (or holds it while the broker is away); its
+    /// confirm and receipt join the in-flight queue.
+    async fn publish(
+        &mut self,
+        message: Publish,
+        receipt: Option<&str>,
+    ) -> Result<(), SessionError> {
+        self.entry.messages_in.fetch_add(1, Ordering::Relaxed);
         let confirm = match self.broker.as_mut() {
             Some(broker) => {
                 let result = broker.publish(&message).await;

@@ -5,6 +5,11 @@
 //! connection's memory and of the CPU spent per delivered message.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -19,7 +24,55 @@ pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 pub use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 pub use tokio_tungstenite::tungstenite::{Error, Message};
 
-pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type WebSocket = WebSocketStream<Counted<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// The client's socket, counting the bytes read from it: a WebSocket
+/// message sent in fragments (or one frame at a trickle) shows as bytes
+/// read with no message yet, which `stomp.frame_timeout` bounds like a
+/// partial STOMP frame.
+pub struct Counted<T> {
+    inner: T,
+    read: AtomicU64,
+}
+
+impl<T> Counted<T> {
+    /// Bytes read from the socket so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(read, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// A request to upgrade to a WebSocket, checked as RFC 6455 asks.
 pub struct Upgrade {
@@ -80,7 +133,10 @@ impl Upgrade {
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let io = TokioIo::new(upgraded);
+                    let io = Counted {
+                        inner: TokioIo::new(upgraded),
+                        read: AtomicU64::new(0),
+                    };
                     run(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
                         .await
                 }

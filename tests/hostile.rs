@@ -269,3 +269,378 @@ async fn header_and_transaction_limits() {
     assert_served(&gw).await;
     gw.stop().await;
 }
+
+/// A raw NUL in a SEND header would end the MESSAGE a subscriber reads,
+/// and what follows it would read as a frame of the sender's making (a
+/// forged ERROR or RECEIPT). The SEND is refused; nothing reaches the
+/// subscriber.
+#[tokio::test]
+async fn a_nul_in_a_header_is_refused() {
+    let gw = Gateway::start().await;
+    let dest = format!("/topic/{}", unique("nul"));
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+    writer
+        .send_raw(
+            format!("SEND\ndestination:{dest}\naaa:x\0ERROR\nmessage:forged\n\nbody\0").as_bytes(),
+        )
+        .await;
+    let error = writer.expect_error().await;
+    assert_eq!(error.get("message"), Some("malformed frame"));
+    assert!(body_text(&error).contains("NUL"), "{}", body_text(&error));
+    let (mut sender, _) = Client::connect(&gw).await;
+    sender.send_confirmed(&dest, "next").await;
+    let message = reader.recv_message().await;
+    assert_eq!(body_text(&message), "next", "the forged SEND never arrived");
+    reader.disconnect().await;
+    sender.disconnect().await;
+    gw.stop().await;
+}
+
+/// Headers only a server sets (`stompgate-*`, `receipt-id`, `message-id`,
+/// `subscription`, `user-id`) are dropped from a SEND: subscribers never
+/// see a client's forgery of them.
+#[tokio::test]
+async fn a_client_cannot_set_the_servers_headers() {
+    let gw = Gateway::start().await;
+    let dest = format!("/topic/{}", unique("forge"));
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+    writer
+        .send_frame(
+            &Frame::new("SEND")
+                .header("destination", dest.as_str())
+                .header("stompgate-gap", "true")
+                .header("stompgate-anything", "x")
+                .header("receipt-id", "forged")
+                .header("user-id", "admin")
+                .header("kept", "yes")
+                .header("receipt", "r")
+                .body(&b"hi"[..]),
+        )
+        .await;
+    writer.expect_receipt("r").await;
+    let message = reader.recv_message().await;
+    for name in [
+        "stompgate-gap",
+        "stompgate-anything",
+        "receipt-id",
+        "user-id",
+    ] {
+        assert!(
+            message.get(name).is_none(),
+            "{name} reached the reader: {message:?}"
+        );
+    }
+    assert_eq!(message.get("kept"), Some("yes"));
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}
+
+/// A large header section sent one byte per WebSocket message, without a
+/// pause: each byte costs the decoder only itself (it resumes where it
+/// stopped), and stomp.frame_timeout fires on time although the read
+/// branch never runs dry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_section_trickling_in_is_cut_off_on_time() {
+    let timeout = Duration::from_secs(2);
+    let gw = Gateway::start_with(|c| {
+        c.stomp.frame_timeout = timeout;
+        c.stomp.max_headers = 100_000;
+        c.stomp.max_header_bytes = 1 << 20;
+        c.stomp.max_frame_bytes = 8 << 20;
+    })
+    .await;
+    let (client, _) = Client::connect(&gw).await;
+    let (mut sink, mut stream) = client.ws.split();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let mut head = b"SEND\ndestination:/topic/x\n".to_vec();
+        for i in 0..50_000 {
+            head.extend_from_slice(format!("h{i}:v\n").as_bytes());
+        }
+        for byte in head {
+            if sink
+                .send(Message::text((byte as char).to_string()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let error = loop {
+        match tokio::time::timeout(common::WAIT, stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.starts_with("ERROR") => break text,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected the ERROR, got {other:?}"),
+        }
+    };
+    let took = started.elapsed();
+    trickle.abort();
+    assert!(error.contains("frame timeout"), "{error}");
+    assert!(
+        took < timeout + Duration::from_secs(2),
+        "frame_timeout {timeout:?} fired after {took:?}"
+    );
+    assert_served(&gw).await;
+    gw.stop().await;
+}
+
+/// A WebSocket message begun (a fragment without FIN) and never finished
+/// counts as a partial frame for stomp.frame_timeout.
+#[tokio::test]
+async fn an_unfinished_websocket_message_is_cut_off() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+    let gw = Gateway::start_with(|c| c.stomp.frame_timeout = Duration::from_millis(800)).await;
+    let (mut client, _) = Client::connect(&gw).await;
+    let started = Instant::now();
+    let fragment = WsFrame::message(vec![b'x'; 64 << 10], OpCode::Data(Data::Binary), false);
+    futures_util::SinkExt::send(&mut client.ws, Message::Frame(fragment))
+        .await
+        .unwrap();
+    let error = client.expect_error().await;
+    assert_eq!(error.get("message"), Some("frame timeout"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_served(&gw).await;
+    gw.stop().await;
+}
+
+/// A transaction holds checked SENDs only, counted with their headers: a
+/// SEND to a destination it may not use is refused when it comes, not at
+/// COMMIT (so nothing of the transaction is published), and headers
+/// count toward stomp.max_transaction_bytes as bodies do.
+#[tokio::test]
+async fn transactions_hold_only_what_could_be_published() {
+    let gw = Gateway::start_with(|c| c.stomp.max_transaction_bytes = 16 << 10).await;
+    let dest = format!("/topic/{}", unique("tx"));
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+    writer
+        .send_raw(
+            format!(
+                "BEGIN\ntransaction:t\n\n\0\
+                 SEND\ndestination:{dest}\ntransaction:t\n\nallowed\0\
+                 SEND\ndestination:/exchange/not.allowed/k\ntransaction:t\nreceipt:bad\n\nno\0\
+                 COMMIT\ntransaction:t\n\n\0"
+            )
+            .as_bytes(),
+        )
+        .await;
+    let error = writer.expect_error().await;
+    assert_eq!(error.get("receipt-id"), Some("bad"), "refused at the SEND");
+    assert!(body_text(&error).contains("amqp.allowed_exchanges"));
+    // The allowed SEND before it was never published.
+    let (mut sender, _) = Client::connect(&gw).await;
+    sender.send_confirmed(&dest, "after").await;
+    assert_eq!(body_text(&reader.recv_message().await), "after");
+
+    // 5 SENDs with 4 KiB of headers and no body: over 16 KiB.
+    let (mut client, _) = Client::connect(&gw).await;
+    let header = format!("h:{}\n", "v".repeat(4 << 10));
+    let send = format!("SEND\ndestination:{dest}\ntransaction:t\n{header}\n\0");
+    client
+        .send_raw(format!("BEGIN\ntransaction:t\n\n\0{}", send.repeat(5)).as_bytes())
+        .await;
+    let error = client.expect_error().await;
+    assert!(
+        body_text(&error).contains("stomp.max_transaction_bytes"),
+        "{error:?}"
+    );
+    reader.disconnect().await;
+    sender.disconnect().await;
+    gw.stop().await;
+}
+
+/// The ERROR before the close arrives even when the client is still
+/// sending as the gateway refuses it: an oversized WebSocket message, and
+/// an oversized STOMP frame in many messages, 50 times each. The client
+/// sends everything before it reads, as a busy client would. The gateway
+/// reads and drops what keeps coming until the client closes, instead of
+/// dropping a socket with unread bytes, which the kernel answers with a
+/// reset that destroys the ERROR the client has not read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_before_the_close_always_arrives() {
+    use futures_util::SinkExt;
+    let gw = Gateway::start_with(|c| {
+        c.server.max_message_bytes = 64 << 10;
+        c.stomp.max_frame_bytes = 32 << 10;
+    })
+    .await;
+    for (case, pieces, piece) in [("message", 1, 4 << 20), ("frame", 64, 16 << 10)] {
+        for round in 0..50 {
+            let (mut client, _) = Client::connect(&gw).await;
+            let mut frame = b"SEND\ndestination:/topic/x\n\n".to_vec();
+            frame.resize(piece, b'x');
+            for _ in 0..pieces {
+                // The gateway may refuse before all is sent: errors here
+                // are the point, not a failure.
+                if client
+                    .ws
+                    .feed(Message::binary(frame.clone()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                frame = vec![b'y'; piece];
+            }
+            let _ = client.ws.flush().await;
+            let got = loop {
+                match tokio::time::timeout(common::WAIT, client.ws.next()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => break Some(text.to_string()),
+                    Ok(Some(Ok(Message::Binary(data)))) => {
+                        break Some(String::from_utf8_lossy(&data).into_owned())
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_)) | None) => break None,
+                    Err(_) => panic!("{case} {round}: nothing within {:?}", common::WAIT),
+                }
+            };
+            let got = got.unwrap_or_else(|| panic!("{case} {round}: closed without the ERROR"));
+            assert!(got.starts_with("ERROR"), "{case} {round}: {got}");
+            assert!(got.contains("frame too large"), "{case} {round}: {got}");
+        }
+    }
+    assert_served(&gw).await;
+    gw.stop().await;
+}
+
+/// A broker port that panics on a publish to a routing key ending in
+/// `.panic`: a stand-in for any bug a message could trigger.
+#[derive(Clone)]
+struct PanickingBroker(stompgate::broker::amqp::AmqpBroker);
+
+struct PanickingSession(
+    <stompgate::broker::amqp::AmqpBroker as stompgate::broker::Broker>::Session,
+);
+
+impl stompgate::broker::Broker for PanickingBroker {
+    type Session = PanickingSession;
+
+    async fn open(
+        &self,
+        session_id: &str,
+        acks: bool,
+    ) -> Result<PanickingSession, stompgate::broker::BrokerError> {
+        self.0.open(session_id, acks).await.map(PanickingSession)
+    }
+
+    fn readiness(&self) -> stompgate::broker::Readiness {
+        self.0.readiness()
+    }
+
+    async fn probe(&self) {
+        self.0.probe().await
+    }
+}
+
+impl stompgate::broker::BrokerSession for PanickingSession {
+    type Confirm = <<stompgate::broker::amqp::AmqpBroker as stompgate::broker::Broker>::Session as stompgate::broker::BrokerSession>::Confirm;
+
+    fn queue_name(&self) -> &str {
+        self.0.queue_name()
+    }
+    async fn bind(
+        &mut self,
+        route: &stompgate::destination::Route,
+    ) -> Result<(), stompgate::broker::BrokerError> {
+        self.0.bind(route).await
+    }
+    async fn unbind(
+        &mut self,
+        route: &stompgate::destination::Route,
+    ) -> Result<(), stompgate::broker::BrokerError> {
+        self.0.unbind(route).await
+    }
+    async fn publish(
+        &mut self,
+        message: &stompgate::broker::Publish,
+    ) -> Result<Self::Confirm, stompgate::broker::BrokerError> {
+        assert!(
+            !message.route.key.ends_with(".panic"),
+            "a bug this message triggers"
+        );
+        self.0.publish(message).await
+    }
+    async fn next_delivery(
+        &mut self,
+    ) -> Option<Result<stompgate::broker::Delivery, stompgate::broker::BrokerError>> {
+        self.0.next_delivery().await
+    }
+    fn acks(&self) -> bool {
+        self.0.acks()
+    }
+    fn behind(&self) -> bool {
+        self.0.behind()
+    }
+    async fn require_acks(
+        &mut self,
+    ) -> Result<Vec<stompgate::broker::Delivery>, stompgate::broker::BrokerError> {
+        self.0.require_acks().await
+    }
+    async fn ack(
+        &mut self,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<(), stompgate::broker::BrokerError> {
+        self.0.ack(tag, multiple).await
+    }
+    async fn nack(
+        &mut self,
+        tag: u64,
+        requeue: bool,
+    ) -> Result<(), stompgate::broker::BrokerError> {
+        self.0.nack(tag, requeue).await
+    }
+    fn writable(&self) -> bool {
+        self.0.writable()
+    }
+    fn until_writable(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.0.until_writable()
+    }
+    async fn close(self) {
+        self.0.close().await
+    }
+}
+
+/// A panic in one session ends that session only: its socket closes, its
+/// queue goes, it leaves connections_open and /admin/sessions, and every
+/// other session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_ends_only_its_own_session() {
+    let gw = Gateway::start_wrapped(|c| c.server.admin_token = "t".into(), PanickingBroker).await;
+    let mgmt = common::Management::new();
+    let dest = format!("/topic/{}", unique("bystander"));
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+    let (mut doomed, session) = Client::connect(&gw).await;
+    let queue = gw.queue_of(&session);
+    doomed
+        .subscribe("s", &format!("/topic/{}", unique("doomed")))
+        .await;
+    assert!(mgmt.queue(&queue).await.is_some());
+    doomed
+        .send(&format!("/topic/{}.panic", unique("x")), "boom")
+        .await;
+    assert!(
+        doomed.next(common::WAIT).await.is_err(),
+        "its connection ends"
+    );
+    common::settle(&gw, "stompgate_connections_open", 2.0).await;
+    mgmt.wait_no_queues(&queue, common::WAIT).await;
+    let sessions: serde_json::Value = reqwest::Client::new()
+        .get(gw.http_url("/admin/sessions"))
+        .bearer_auth("t")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!sessions.to_string().contains(&session), "{sessions}");
+    writer.send_confirmed(&dest, "still here").await;
+    assert_eq!(body_text(&reader.recv_message().await), "still here");
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}

@@ -38,19 +38,32 @@ use crate::destination::Route;
 use crate::metrics::Metrics;
 use client::{Channel, Connection, Message, Options, STAMP_HEADER};
 
-/// STOMP headers that describe the frame itself, not the message: they
-/// never travel to RabbitMQ.
-const STOMP_OWN_HEADERS: [&str; 9] = [
+/// STOMP headers that describe the frame itself, not the message, or
+/// that only a server sets: they never travel to RabbitMQ from a SEND,
+/// nor reach a MESSAGE from an AMQP publisher's headers. A client cannot
+/// forge a receipt, a message id, a subscription or who it is.
+const STOMP_OWN_HEADERS: [&str; 11] = [
     STAMP_HEADER,
     "destination",
     "receipt",
+    "receipt-id",
     "transaction",
     "content-length",
     "message-id",
     "subscription",
     "ack",
     "redelivered",
+    "user-id",
 ];
+
+/// Headers the gateway sets (`stompgate-gap`…) start with this: whoever
+/// else sets them, a SEND's client or an AMQP publisher, is ignored.
+const GATEWAY_PREFIX: &str = "stompgate-";
+
+/// Whether a header is STOMP's or the gateway's own, never a message's.
+fn reserved(name: &str) -> bool {
+    STOMP_OWN_HEADERS.contains(&name) || name.starts_with(GATEWAY_PREFIX)
+}
 
 /// Bounds the queue deletion and channel close at session end, so a dead
 /// broker cannot hold a session.
@@ -770,7 +783,7 @@ fn properties_from_stomp(
     let mut table = FieldTable::default();
     let mut seen: Vec<&str> = Vec::with_capacity(headers.len());
     for (name, value) in headers {
-        if STOMP_OWN_HEADERS.contains(&name.as_str()) || seen.contains(&name.as_str()) {
+        if reserved(name) || seen.contains(&name.as_str()) {
             continue;
         }
         seen.push(name);
@@ -835,7 +848,7 @@ fn stomp_headers_from(properties: &BasicProperties) -> Vec<(String, String)> {
     }
     if let Some(table) = properties.headers() {
         for (name, value) in table {
-            if STOMP_OWN_HEADERS.contains(&name.as_str()) {
+            if reserved(name.as_str()) {
                 continue;
             }
             if let Some(text) = value_text(value) {

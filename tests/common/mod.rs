@@ -105,6 +105,15 @@ impl Gateway {
     /// Starts a gateway with the defaults, a unique node id and whatever
     /// `adjust` changes.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Gateway {
+        Gateway::start_wrapped(adjust, |broker| broker).await
+    }
+
+    /// Like [`Gateway::start_with`], with the broker port behind `wrap`
+    /// (a test's own [`Broker`] around the real one, to inject faults).
+    pub async fn start_wrapped<B: stompgate::broker::Broker>(
+        adjust: impl FnOnce(&mut Config),
+        wrap: impl FnOnce(AmqpBroker) -> B,
+    ) -> Gateway {
         require_rabbitmq().await;
         let mut config = Config::defaults().expect("default config is valid");
         config.server.listen = "127.0.0.1:0".parse().unwrap();
@@ -116,8 +125,10 @@ impl Gateway {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new().expect("metrics registry"));
-        let broker = AmqpBroker::new(&config.amqp, &config.server.node_id, metrics.clone())
-            .expect("broker pool");
+        let broker = wrap(
+            AmqpBroker::new(&config.amqp, &config.server.node_id, metrics.clone())
+                .expect("broker pool"),
+        );
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(server::run(
