@@ -319,24 +319,6 @@ async fn raw_publish(routing_key: &str, content_header: &[u8], body: &[u8]) {
     }
 }
 
-/// A content header with a header named `good`, one whose name is not
-/// UTF-8, and a message-id that is not UTF-8.
-fn header_with_bad_strings(body_size: u64) -> Vec<u8> {
-    let mut table = Vec::new();
-    for name in [&b"good"[..], b"bad\xff"] {
-        table.push(name.len() as u8);
-        table.extend_from_slice(name);
-        table.extend_from_slice(b"S\0\0\0\x01v");
-    }
-    let mut p = vec![0, 60, 0, 0];
-    p.extend_from_slice(&body_size.to_be_bytes());
-    p.extend_from_slice(&((1u16 << 13) | (1 << 7)).to_be_bytes());
-    p.extend_from_slice(&(table.len() as u32).to_be_bytes());
-    p.extend_from_slice(&table);
-    p.extend_from_slice(b"\x02\xc3\x28");
-    p
-}
-
 /// A message whose header name and message-id are not UTF-8 (RabbitMQ
 /// takes it): delivered without them, counted, and the AMQP connection
 /// that every session on the node shares is not reset by it.
@@ -351,7 +333,7 @@ async fn a_message_with_strings_that_are_not_utf8_is_delivered() {
     bystander.subscribe("b", &bystander_dest).await;
     let before = scrape(&gw).await;
     for _ in 0..3 {
-        raw_publish(&key, &header_with_bad_strings(5), b"hello").await;
+        raw_publish(&key, &content_header_with_bad_strings(5), b"hello").await;
     }
     for _ in 0..3 {
         let message = reader.recv_message().await;

@@ -6,6 +6,8 @@
 //! against the real RabbitMQ in `amqp_link.rs` and `faults.rs`; these
 //! cases are the ones a real broker cannot be made to produce on demand.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -628,7 +630,8 @@ async fn a_delivery_with_strings_that_are_not_utf8_is_delivered() {
             })),
         )
         .await;
-        peer.send_raw(2, id, &odd_header(5)).await;
+        peer.send_raw(2, id, &common::content_header_with_bad_strings(5))
+            .await;
         peer.send_raw(3, id, b"hello").await;
     }
     for tag in 1..=2u64 {
@@ -646,24 +649,6 @@ async fn a_delivery_with_strings_that_are_not_utf8_is_delivered() {
         "two strings in each"
     );
     assert!(connection.is_open() && channel.is_open());
-}
-
-/// A content header: a table with a good and a bad name, and a message-id
-/// that is not UTF-8.
-fn odd_header(body_size: u64) -> Vec<u8> {
-    let mut table = Vec::new();
-    for name in [&b"good"[..], b"bad\xff"] {
-        table.push(name.len() as u8);
-        table.extend_from_slice(name);
-        table.extend_from_slice(b"S\0\0\0\x01v");
-    }
-    let mut p = vec![0, 60, 0, 0];
-    p.extend_from_slice(&body_size.to_be_bytes());
-    p.extend_from_slice(&((1u16 << 13) | (1 << 7)).to_be_bytes());
-    p.extend_from_slice(&(table.len() as u32).to_be_bytes());
-    p.extend_from_slice(&table);
-    p.extend_from_slice(b"\x02\xc3\x28");
-    p
 }
 
 /// A method whose payload cannot be read ends its channel, not the

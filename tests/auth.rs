@@ -96,14 +96,20 @@ async fn wrong_unknown_or_missing_credentials_are_refused_alike() {
     gw.stop().await;
 }
 
-/// The test process's resident memory (the gateway runs in it).
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+/// One user, `editor`, with no grants, and `failed_login_limit`.
+async fn editor_gateway(failed_login_limit: u32) -> Gateway {
+    let (editor, _) = hashes().clone();
+    Gateway::start_with(move |c| {
+        c.auth.mode = AuthMode::Users;
+        c.auth.users = vec![UserConfig {
+            name: "editor".into(),
+            password_hash: editor,
+            subscribe: vec![],
+            publish: vec![],
+        }];
+        c.auth.failed_login_limit = failed_login_limit;
+    })
+    .await
 }
 
 /// Sends CONNECT with `passcode` for `user`; the ERROR's message.
@@ -123,19 +129,8 @@ async fn refusal(gw: &Gateway, user: &str, passcode: &str) -> String {
 /// until auth.failed_login_window has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_are_bounded_and_throttled() {
-    let (editor, _) = hashes().clone();
-    let gw = Gateway::start_with(move |c| {
-        c.auth.mode = AuthMode::Users;
-        c.auth.users = vec![UserConfig {
-            name: "editor".into(),
-            password_hash: editor,
-            subscribe: vec![],
-            publish: vec![],
-        }];
-        c.auth.failed_login_limit = 1000;
-    })
-    .await;
-    let before = resident_kib();
+    let gw = editor_gateway(1000).await;
+    let before = common::resident_kib();
     let mut attempts = Vec::new();
     for i in 0..48 {
         let url = gw.ws_url();
@@ -156,23 +151,12 @@ async fn failed_logins_are_bounded_and_throttled() {
             other => panic!("{other:?}"),
         }
     }
-    let grown_mib = resident_kib().saturating_sub(before) / 1024;
+    let grown_mib = common::resident_kib().saturating_sub(before) / 1024;
     println!("48 failed logins at once: {busy} told to try later, RSS +{grown_mib} MiB");
     assert!(grown_mib < 200, "RSS grew {grown_mib} MiB");
     gw.stop().await;
 
-    let (editor, _) = hashes().clone();
-    let gw = Gateway::start_with(move |c| {
-        c.auth.mode = AuthMode::Users;
-        c.auth.users = vec![UserConfig {
-            name: "editor".into(),
-            password_hash: editor,
-            subscribe: vec![],
-            publish: vec![],
-        }];
-        c.auth.failed_login_limit = 3;
-    })
-    .await;
+    let gw = editor_gateway(3).await;
     for i in 0..3 {
         assert_eq!(
             refusal(&gw, &format!("guess{i}"), "wrong").await,

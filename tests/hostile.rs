@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{body_text, reader_and_writer, refusals, unique, Client, Closed, Gateway};
+use common::{
+    body_text, reader_and_writer, refusals, resident_kib, unique, Client, Closed, Gateway,
+};
 use futures_util::StreamExt;
 use stompgate::stomp::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,15 +20,6 @@ async fn assert_served(gw: &Gateway) {
     assert_eq!(body_text(&reader.recv_message().await), "served");
     reader.disconnect().await;
     writer.disconnect().await;
-}
-
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Slow-loris after CONNECT: a frame trickling in a byte at a time is cut

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{unique, Client, Gateway, Management};
+use common::{resident_kib, unique, Client, Gateway, Management};
 use stompgate::stomp::frame::Frame;
 
 const GONE_WITHIN: Duration = Duration::from_secs(2);
@@ -130,15 +130,6 @@ async fn queue_is_gone_however_the_connection_ends() {
     gone(&mgmt, &gw, &session, "a heart-beat timeout").await;
 
     gw.stop().await;
-}
-
-fn resident_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// 1000 connect/subscribe/close cycles: no queue, channel or memory

@@ -43,6 +43,38 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The test process's resident memory in KiB (in-process gateways run
+/// in it).
+pub fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// An AMQP content header written by hand, as a publisher that does not
+/// check UTF-8 sends it (RabbitMQ passes it on): a header named `good`
+/// with value `v`, one whose name is not UTF-8, and a message-id that is
+/// not UTF-8.
+pub fn content_header_with_bad_strings(body_size: u64) -> Vec<u8> {
+    let mut table = Vec::new();
+    for name in [&b"good"[..], b"bad\xff"] {
+        table.push(name.len() as u8);
+        table.extend_from_slice(name);
+        table.extend_from_slice(b"S\0\0\0\x01v");
+    }
+    let mut p = vec![0, 60, 0, 0];
+    p.extend_from_slice(&body_size.to_be_bytes());
+    // Property flags: headers, message-id.
+    p.extend_from_slice(&((1u16 << 13) | (1 << 7)).to_be_bytes());
+    p.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    p.extend_from_slice(&table);
+    p.extend_from_slice(b"\x02\xc3\x28");
+    p
+}
+
 /// `/readyz`'s status and body (0 when it does not answer).
 pub async fn readyz(gw: &Gateway) -> (u16, String) {
     match reqwest::get(gw.http_url("/readyz")).await {
