@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub admin_token: String,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
     pub tls: TlsConfig,
 }
 
@@ -270,6 +272,10 @@ impl Config {
         }
         for (key, value) in [
             ("stomp.connect_timeout", s.connect_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
             ("stomp.heartbeat_min", s.heartbeat_min),
             ("stomp.slow_client_timeout", s.slow_client_timeout),
             ("stomp.frame_timeout", s.frame_timeout),

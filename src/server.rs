@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::routes::{self, PeerAddr, State};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 use warp::{hyper, Filter};
 
@@ -82,6 +82,7 @@ pub async fn run<B: Broker>(
         listener,
         tls.map(TlsAcceptor::from),
         routes,
+        config.server.header_read_timeout,
         shutdown.clone(),
     )
     .await;
@@ -136,6 +137,7 @@ async fn serve<F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     routes: F,
+    header_read_timeout: std::time::Duration,
     shutdown: CancellationToken,
 ) where
     F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
@@ -191,8 +193,15 @@ async fn serve<F>(
                     tower_service::Service::call(&mut service, request)
                 },
             );
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
+            // HTTP/1.1 only: WebSockets upgrade from it, and TLS offers no
+            // other. Its header timeout closes connections that never send
+            // a request, or send one too slowly (before, they stayed open,
+            // uncounted, until the node ran out of file descriptors).
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades()
                 .await;
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");

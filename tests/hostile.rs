@@ -637,3 +637,50 @@ async fn a_panic_ends_only_its_own_session() {
     writer.disconnect().await;
     gw.stop().await;
 }
+
+/// Reads from `stream` until the server closes it; fails if it stays open
+/// for `within`. Returns what was read.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection stayed open for {within:?}"),
+        }
+    }
+}
+
+/// A connection that never sends its HTTP request, one that sends it too
+/// slowly, and a kept-alive one that goes quiet after a request are all
+/// closed after server.header_read_timeout (before, such connections
+/// stayed open and uncounted until the node ran out of descriptors).
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let timeout = Duration::from_millis(500);
+    let gw = Gateway::start_with(|c| c.server.header_read_timeout = timeout).await;
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HT").await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    for stream in [&mut silent, &mut slow] {
+        read_until_closed(stream, Duration::from_secs(5)).await;
+    }
+    let answered = read_until_closed(&mut kept, Duration::from_secs(5)).await;
+    assert!(
+        String::from_utf8_lossy(&answered).starts_with("HTTP/1.1 200"),
+        "the request in time was served"
+    );
+    let took = started.elapsed();
+    assert!(took < timeout * 4, "closed after {took:?}");
+    assert_served(&gw).await;
+    gw.stop().await;
+}
