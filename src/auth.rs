@@ -312,6 +312,8 @@ impl Auth {
                 config.max_pending_logins,
                 config.failed_login_limit,
                 config.failed_login_window,
+                // One host usually holds a whole /64.
+                64,
             ),
         })
     }

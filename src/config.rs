@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub admin_token: String,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// IPv6 clients count toward `max_connections_per_ip` by this prefix.
+    pub ipv6_prefix_len: u8,
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     pub tls: TlsConfig,
@@ -299,6 +301,9 @@ impl Config {
                 "server.allowed_origins",
                 "empty: no browser could connect; use [\"*\"] to allow all",
             ));
+        }
+        if !(1..=128).contains(&self.server.ipv6_prefix_len) {
+            return Err(invalid("server.ipv6_prefix_len", "must be 1 to 128"));
         }
         if self.amqp.heartbeat > Duration::from_secs(u64::from(u16::MAX)) {
             return Err(invalid("amqp.heartbeat", "must be at most 65535s"));

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
+    /// IPv6 addresses count by this prefix: one host usually holds a whole
+    /// /64, and would walk around a per-address limit otherwise.
+    ipv6_prefix: u8,
     total: AtomicUsize,
     /// Only touched on connect and disconnect, never per message.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -49,10 +52,11 @@ pub struct Permit {
 }
 
 impl ConnectionLimits {
-    pub fn new(max_total: usize, max_per_ip: usize) -> ConnectionLimits {
+    pub fn new(max_total: usize, max_per_ip: usize, ipv6_prefix: u8) -> ConnectionLimits {
         ConnectionLimits {
             max_total,
             max_per_ip,
+            ipv6_prefix,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         }
@@ -64,6 +68,7 @@ impl ConnectionLimits {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::Node(self.max_total));
         }
+        let ip = ip.map(|ip| network_of(ip, self.ipv6_prefix));
         if let Some(ip) = ip {
             let mut per_ip = self.lock();
             let count = per_ip.entry(ip).or_insert(0);
@@ -98,6 +103,22 @@ impl Drop for Permit {
             }
         }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An address as per-address limits count it: an IPv4 address as it is,
+/// an IPv6 address by its first `ipv6_prefix` bits.
+pub fn network_of(address: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let keep = match ipv6_prefix.min(128) {
+                0 => 0,
+                n => u128::MAX << (128 - u32::from(n)),
+            };
+            IpAddr::from(std::net::Ipv6Addr::from(bits & keep))
+        }
+        v4 => v4,
     }
 }
 
@@ -138,7 +159,7 @@ mod tests {
 
     #[test]
     fn permits_are_counted_per_node_and_per_ip() {
-        let limits = Arc::new(ConnectionLimits::new(3, 2));
+        let limits = Arc::new(ConnectionLimits::new(3, 2, 64));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let first = limits.acquire(Some(a)).unwrap();
@@ -148,6 +169,22 @@ mod tests {
         assert_eq!(limits.acquire(Some(b)).err(), Some(Refusal::Node(3)));
         drop(first);
         assert!(limits.acquire(Some(a)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_prefix() {
+        let limits = Arc::new(ConnectionLimits::new(10, 2, 64));
+        let host: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let next_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = limits.acquire(Some(host)).unwrap();
+        let _b = limits.acquire(Some(same_64)).unwrap();
+        assert_eq!(limits.acquire(Some(host)).err(), Some(Refusal::Ip(2)));
+        assert!(limits.acquire(Some(next_64)).is_ok());
+        assert_eq!(network_of(host, 128), host);
+        assert_eq!(network_of(host, 0), "::".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(network_of(v4, 64), v4);
     }
 
     #[tokio::test(start_paused = true)]

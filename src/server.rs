@@ -60,6 +60,7 @@ pub async fn run<B: Broker>(
         limits: Arc::new(ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            config.server.ipv6_prefix_len,
         )),
     });
     let tls = match crate::tls::server_config(&config.server.tls) {

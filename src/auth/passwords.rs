@@ -23,6 +23,7 @@ use argon2::{Argon2, Block, Params};
 use tokio::sync::Semaphore;
 
 use super::AuthError;
+use crate::limits::network_of;
 
 /// Most addresses and names whose failures are remembered: past it the
 /// oldest windows are forgotten first, so the table stays bounded
@@ -39,6 +40,8 @@ pub struct Checker {
     failures: Mutex<HashMap<Key, Window>>,
     limit: u32,
     window: Duration,
+    /// IPv6 addresses count by this prefix.
+    ipv6_prefix: u8,
 }
 
 /// Who failed: the client's address (an IPv6 address by its /64, which
@@ -60,7 +63,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Checker {
-    pub fn new(concurrent: usize, max_pending: usize, limit: u32, window: Duration) -> Checker {
+    pub fn new(
+        concurrent: usize,
+        max_pending: usize,
+        limit: u32,
+        window: Duration,
+        ipv6_prefix: u8,
+    ) -> Checker {
         let concurrent = match concurrent {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -73,6 +82,7 @@ impl Checker {
             failures: Mutex::new(HashMap::new()),
             limit,
             window,
+            ipv6_prefix,
         }
     }
 
@@ -87,7 +97,7 @@ impl Checker {
         user: &str,
     ) -> Result<bool, AuthError> {
         let keys = [
-            peer.map(|p| Key::Address(network_of(p))),
+            peer.map(|p| Key::Address(network_of(p, self.ipv6_prefix))),
             Some(Key::User(user.to_owned())),
         ];
         if keys.iter().flatten().any(|k| self.throttled(k)) {
@@ -152,18 +162,6 @@ impl Checker {
     }
 }
 
-/// An address as failures count it: IPv6 by its /64.
-fn network_of(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
-        v4 => v4,
-    }
-}
-
 /// argon2 verification of `password` against the PHC string `hash`, in
 /// `memory` (grown to what the hash's parameters need, and kept for the
 /// next check). Compares in constant time.
@@ -224,7 +222,7 @@ mod tests {
     #[tokio::test]
     async fn failures_are_throttled_per_address_and_per_user() {
         let hash = crate::auth::hash_password("right").unwrap();
-        let checker = Checker::new(1, 10, 2, Duration::from_secs(60));
+        let checker = Checker::new(1, 10, 2, Duration::from_secs(60), 64);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let b_neighbour: IpAddr = "2001:db8::ffff:1".parse().unwrap();
@@ -261,7 +259,7 @@ mod tests {
     #[tokio::test]
     async fn checks_beyond_the_queue_are_refused_at_once() {
         let hash = crate::auth::hash_password("right").unwrap();
-        let checker = Arc::new(Checker::new(1, 2, 1000, Duration::from_secs(60)));
+        let checker = Arc::new(Checker::new(1, 2, 1000, Duration::from_secs(60), 64));
         let mut tasks = Vec::new();
         for i in 0..12 {
             let (checker, hash) = (checker.clone(), hash.clone());
