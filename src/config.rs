@@ -102,6 +102,8 @@ pub struct AmqpConfig {
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     pub queue_max_length: u32,
+    /// Bytes of message bodies a session's queue may hold.
+    pub queue_max_bytes: u64,
     pub queue_overflow: Overflow,
     /// Exchanges `/exchange/<name>/…` may name; "*" allows any.
     pub allowed_exchanges: Vec<String>,
@@ -233,6 +235,9 @@ impl Config {
         }
         if self.amqp.queue_max_length == 0 {
             return Err(invalid("amqp.queue_max_length", "must be at least 1"));
+        }
+        if self.amqp.queue_max_bytes == 0 || self.amqp.queue_max_bytes > i64::MAX as u64 {
+            return Err(invalid("amqp.queue_max_bytes", "must be at least 1"));
         }
         if self.amqp.exchange.is_empty() || self.amqp.exchange.len() > 255 {
             return Err(invalid("amqp.exchange", "must be 1 to 255 bytes"));

@@ -92,12 +92,15 @@ async fn a_stalled_subscriber_does_not_slow_the_others() {
 
 /// A client that makes no progress for stomp.slow_client_timeout is closed
 /// (and counted); meanwhile its queue never grows past
-/// amqp.queue_max_length, and the other reader is served throughout.
+/// amqp.queue_max_length or amqp.queue_max_bytes, and the other reader is
+/// served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_client_is_closed_and_its_queue_stays_bounded() {
     let gw = Gateway::start_with(|c| {
         c.amqp.prefetch = 4;
         c.amqp.queue_max_length = 50;
+        // 20 of the 64 KiB messages below: the byte bound comes first.
+        c.amqp.queue_max_bytes = 20 * 65 * 1024;
         c.stomp.slow_client_timeout = Duration::from_secs(1);
     })
     .await;
@@ -109,6 +112,7 @@ async fn a_stuck_client_is_closed_and_its_queue_stays_bounded() {
     let queue = gw.queue_of(&stuck_session);
     let arguments = mgmt.queue(&queue).await.unwrap()["arguments"].clone();
     assert_eq!(arguments["x-max-length"], 50);
+    assert_eq!(arguments["x-max-length-bytes"], 20 * 65 * 1024);
     assert_eq!(arguments["x-overflow"], "drop-head");
     let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
 
@@ -119,6 +123,15 @@ async fn a_stuck_client_is_closed_and_its_queue_stays_bounded() {
         writer.send(&dest, &format!("{i:04}{body}")).await;
         let message = reader.recv_message().await;
         assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+        if i % 50 == 49 {
+            if let Some(stuck_queue) = mgmt.queue(&queue).await {
+                let bytes = stuck_queue["message_bytes"].as_u64().unwrap_or(0);
+                assert!(
+                    bytes <= 20 * 65 * 1024,
+                    "the stuck queue holds {bytes} bytes"
+                );
+            }
+        }
     }
     // The stuck session is closed and its queue deleted...
     mgmt.wait_no_queues(&queue, Duration::from_secs(20)).await;

@@ -90,6 +90,7 @@ pub struct AmqpBroker {
     node_id: String,
     prefetch: u16,
     queue_max_length: u32,
+    queue_max_bytes: u64,
     queue_overflow: Overflow,
     connect_timeout: Duration,
     /// What every connection is opened with; its observer is per connection.
@@ -265,6 +266,7 @@ impl AmqpBroker {
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
             queue_max_length: config.queue_max_length,
+            queue_max_bytes: config.queue_max_bytes,
             queue_overflow: config.queue_overflow,
             connect_timeout: config.connect_timeout,
             options,
@@ -435,6 +437,12 @@ impl Broker for AmqpBroker {
             arguments.insert(
                 "x-max-length".into(),
                 AMQPValue::LongLongInt(i64::from(self.queue_max_length)),
+            );
+            // Config::load checked that it fits.
+            let max_bytes = i64::try_from(self.queue_max_bytes).unwrap_or(i64::MAX);
+            arguments.insert(
+                "x-max-length-bytes".into(),
+                AMQPValue::LongLongInt(max_bytes),
             );
             arguments.insert(
                 "x-overflow".into(),
