@@ -984,6 +984,12 @@ impl<B: Broker> Session<B> {
                     if let Err(end) = self.settled(settled, true).await {
                         return end;
                     }
+                    // Frames left in the decoder when too many waited.
+                    if self.in_flight.len() < max_unconfirmed && self.conn.decoder.buffered() > 0 {
+                        if let Some(end) = self.process_buffered().await {
+                            return end;
+                        }
+                    }
                 }
                 // Cancel-safe (Stream::next). Not read while too many
                 // publishes wait for confirms: back-pressure, not buffering.
@@ -1229,7 +1235,15 @@ impl<B: Broker> Session<B> {
 
     /// Handles every complete frame the decoder holds.
     async fn process_buffered(&mut self) -> Option<End> {
-        while self.disconnecting.is_none() && self.throttled_until.is_none() {
+        // Frames stay in the decoder while stomp.max_unconfirmed receipts
+        // and SENDs wait: one WebSocket message packed with thousands of
+        // frames with receipts cannot make the session hold thousands of
+        // entries (the loop resumes once some settle).
+        let max_unconfirmed = self.config.stomp.max_unconfirmed;
+        while self.disconnecting.is_none()
+            && self.throttled_until.is_none()
+            && self.in_flight.len() < max_unconfirmed
+        {
             if let Some(end) = self.ended.take() {
                 return Some(end);
             }

@@ -684,3 +684,28 @@ async fn connections_that_send_no_request_are_closed() {
     assert_served(&gw).await;
     gw.stop().await;
 }
+
+/// One WebSocket message packed with frames that each want a receipt:
+/// the session holds at most stomp.max_unconfirmed of them at a time
+/// (the rest wait, undecoded, in the message it read), and every receipt
+/// still comes, in order.
+#[tokio::test]
+async fn a_burst_of_receipts_is_answered_in_order_a_few_at_a_time() {
+    let gw = Gateway::start_with(|c| c.stomp.max_unconfirmed = 4).await;
+    let (mut client, _) = Client::connect(&gw).await;
+    let burst: String = (0..200)
+        .map(|i| format!("ACK\nid:{}\nreceipt:r{i}\n\n\0", 1_000_000 + i))
+        .collect();
+    client.send_raw(burst.as_bytes()).await;
+    for i in 0..200 {
+        let receipt = client.recv().await;
+        assert_eq!(receipt.command, "RECEIPT", "{receipt:?}");
+        assert_eq!(receipt.get("receipt-id"), Some(format!("r{i}").as_str()));
+    }
+    // The session goes on afterwards.
+    let dest = format!("/topic/{}", unique("after-burst"));
+    client.subscribe("s", &dest).await;
+    client.send_to_self(&dest, "still here").await;
+    client.disconnect().await;
+    gw.stop().await;
+}
