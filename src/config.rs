@@ -87,6 +87,9 @@ pub struct StompConfig {
     pub max_unconfirmed: usize,
     pub publish_rate: u32,
     pub publish_burst: u32,
+    /// Bytes of SEND frames per second, and the burst, per connection.
+    pub publish_bytes_rate: u64,
+    pub publish_bytes_burst: u64,
     #[serde(with = "humantime_serde")]
     pub frame_timeout: Duration,
 }
@@ -272,6 +275,8 @@ impl Config {
             ),
             ("stomp.publish_rate", s.publish_rate as usize),
             ("stomp.publish_burst", s.publish_burst as usize),
+            ("stomp.publish_bytes_rate", s.publish_bytes_rate as usize),
+            ("stomp.publish_bytes_burst", s.publish_bytes_burst as usize),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));

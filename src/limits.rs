@@ -122,34 +122,63 @@ pub fn network_of(address: IpAddr, ipv6_prefix: u8) -> IpAddr {
     }
 }
 
-/// Per-session SEND rate: a token bucket. A SEND always goes through, but
-/// one that overdraws the bucket makes the session stop reading until the
-/// debt is paid: throttling by not reading, never by buffering.
+/// Per-session SEND rate: token buckets for frames and for bytes. A SEND
+/// always goes through, but one that overdraws a bucket makes the session
+/// stop reading until the debt is paid: throttling by not reading, never
+/// by buffering.
 pub struct PublishRate {
+    frames: Bucket,
+    bytes: Bucket,
+}
+
+struct Bucket {
     per_second: f64,
     burst: f64,
     tokens: f64,
     at: tokio::time::Instant,
 }
 
-impl PublishRate {
-    pub fn new(per_second: u32, burst: u32) -> PublishRate {
-        PublishRate {
-            per_second: f64::from(per_second),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
+impl Bucket {
+    fn new(per_second: f64, burst: f64) -> Bucket {
+        Bucket {
+            per_second,
+            burst,
+            tokens: burst,
             at: tokio::time::Instant::now(),
         }
     }
 
-    /// Takes a token; returns until when reading must pause, if it must.
-    pub fn take(&mut self) -> Option<tokio::time::Instant> {
-        let now = tokio::time::Instant::now();
+    /// Takes `n` tokens; how long until the debt is paid, if there is one.
+    fn take(&mut self, n: f64, now: tokio::time::Instant) -> std::time::Duration {
         let refill = now.duration_since(self.at).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + refill).min(self.burst) - 1.0;
+        self.tokens = (self.tokens + refill).min(self.burst) - n;
         self.at = now;
-        (self.tokens < 0.0)
-            .then(|| now + std::time::Duration::from_secs_f64(-self.tokens / self.per_second))
+        std::time::Duration::from_secs_f64((-self.tokens).max(0.0) / self.per_second)
+    }
+}
+
+impl PublishRate {
+    pub fn new(
+        per_second: u32,
+        burst: u32,
+        bytes_per_second: u64,
+        bytes_burst: u64,
+    ) -> PublishRate {
+        PublishRate {
+            frames: Bucket::new(f64::from(per_second), f64::from(burst)),
+            bytes: Bucket::new(bytes_per_second as f64, bytes_burst as f64),
+        }
+    }
+
+    /// Takes one SEND of `bytes`; returns until when reading must pause,
+    /// if it must.
+    pub fn take(&mut self, bytes: usize) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let pause = self
+            .frames
+            .take(1.0, now)
+            .max(self.bytes.take(bytes as f64, now));
+        (!pause.is_zero()).then(|| now + pause)
     }
 }
 
@@ -189,16 +218,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bucket_allows_the_burst_then_the_rate() {
-        let mut rate = PublishRate::new(10, 5);
+        let mut rate = PublishRate::new(10, 5, 1 << 30, 1 << 30);
         for _ in 0..5 {
-            assert_eq!(rate.take(), None);
+            assert_eq!(rate.take(1), None);
         }
-        let pause = rate.take().expect("overdrawn after the burst");
+        let pause = rate.take(1).expect("overdrawn after the burst");
         assert_eq!(
             pause - tokio::time::Instant::now(),
             std::time::Duration::from_millis(100)
         );
         tokio::time::advance(std::time::Duration::from_millis(100)).await;
-        assert!(rate.take().is_some(), "one token came back and went again");
+        assert!(rate.take(1).is_some(), "one token came back and went again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_a_bucket_of_their_own() {
+        // 1000 bytes a second, a burst of 1000: few frames, large ones.
+        let mut rate = PublishRate::new(1000, 1000, 1000, 1000);
+        assert_eq!(rate.take(600), None);
+        let pause = rate.take(600).expect("overdrawn by 200 bytes");
+        assert_eq!(
+            pause - tokio::time::Instant::now(),
+            std::time::Duration::from_millis(200)
+        );
     }
 }

@@ -418,7 +418,12 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         next_message: 0,
         in_flight: VecDeque::new(),
         disconnecting: None,
-        rate: PublishRate::new(stomp.publish_rate, stomp.publish_burst),
+        rate: PublishRate::new(
+            stomp.publish_rate,
+            stomp.publish_burst,
+            stomp.publish_bytes_rate,
+            stomp.publish_bytes_burst,
+        ),
         throttled_until: None,
         send_every: (send_every > 0).then(|| Duration::from_millis(send_every)),
         expect_every: (expect_every > 0).then(|| Duration::from_millis(expect_every)),
@@ -1260,7 +1265,7 @@ impl<B: Broker> Session<B> {
             };
             let receipt = frame.get("receipt").map(str::to_owned);
             if frame.command == "SEND" {
-                self.throttled_until = self.rate.take();
+                self.throttled_until = self.rate.take(frame.wire_len());
             }
             let result = match ClientCommand::from_frame(frame, self.version) {
                 Ok(command) => self.handle(command, receipt.as_deref()).await,

@@ -709,3 +709,40 @@ async fn a_burst_of_receipts_is_answered_in_order_a_few_at_a_time() {
     client.disconnect().await;
     gw.stop().await;
 }
+
+/// stomp.publish_bytes_rate holds a client that sends few but large
+/// frames: 8 SENDs of 32 KiB at 64 KiB/s (burst 64 KiB) are all
+/// published, the last once the debt of the 7 before it is paid, after
+/// (7 × 32 KiB − 64 KiB) / 64 KiB/s = 2.5 s: throttled by not reading.
+#[tokio::test]
+async fn large_sends_are_throttled_by_bytes() {
+    let gw = Gateway::start_with(|c| {
+        c.stomp.publish_bytes_rate = 64 << 10;
+        c.stomp.publish_bytes_burst = 64 << 10;
+    })
+    .await;
+    let dest = format!("/topic/{}", unique("bytes"));
+    let (mut client, _) = Client::connect(&gw).await;
+    let body = vec![b'b'; 32 << 10];
+    let started = Instant::now();
+    for i in 0..8 {
+        client
+            .send_frame(
+                &Frame::new("SEND")
+                    .header("destination", dest.as_str())
+                    .header("receipt", format!("r{i}"))
+                    .body(body.clone()),
+            )
+            .await;
+    }
+    for i in 0..8 {
+        client.expect_receipt(&format!("r{i}")).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2400),
+        "8 × 32 KiB at 64 KiB/s in {took:?}"
+    );
+    client.disconnect().await;
+    gw.stop().await;
+}
