@@ -92,6 +92,8 @@ pub struct StompConfig {
     pub publish_bytes_burst: u64,
     #[serde(with = "humantime_serde")]
     pub frame_timeout: Duration,
+    /// Bytes of frames begun and transactions held, all clients together.
+    pub node_inbound_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +114,9 @@ pub struct AmqpConfig {
     pub allowed_exchanges: Vec<String>,
     pub exchange: String,
     pub prefetch: u16,
+    /// Bytes of deliveries one session, and all sessions, hold at once.
+    pub prefetch_bytes: usize,
+    pub node_prefetch_bytes: usize,
     pub no_ack_max_body: usize,
     pub pool_size: usize,
     pub sessions_per_connection: usize,
@@ -277,6 +282,9 @@ impl Config {
             ("stomp.publish_burst", s.publish_burst as usize),
             ("stomp.publish_bytes_rate", s.publish_bytes_rate as usize),
             ("stomp.publish_bytes_burst", s.publish_bytes_burst as usize),
+            ("stomp.node_inbound_bytes", s.node_inbound_bytes),
+            ("amqp.prefetch_bytes", self.amqp.prefetch_bytes),
+            ("amqp.node_prefetch_bytes", self.amqp.node_prefetch_bytes),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));

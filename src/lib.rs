@@ -28,6 +28,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod destination;
 pub mod limits;

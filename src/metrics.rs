@@ -57,6 +57,9 @@ pub struct Metrics {
     pub broker_lenient_deliveries: IntCounter,
     /// SENDs the broker refused to take (`basic.nack`).
     pub messages_nacked: IntCounter,
+    /// Bytes held for clients, by what: `deliveries` on their way to
+    /// clients, `inbound` frames clients began and transactions they hold.
+    pub held_bytes: IntGaugeVec,
 }
 
 /// Label value for frames: the command when it is a STOMP one, else a
@@ -111,6 +114,19 @@ impl Metrics {
             &["version"],
         )?;
         registry.register(Box::new(sessions.clone()))?;
+        let held_bytes = IntGaugeVec::new(
+            Opts::new(
+                "stompgate_held_bytes",
+                "Bytes held for clients: deliveries on their way to them, inbound frames they \
+                 began and transactions they hold (limits: amqp.node_prefetch_bytes, \
+                 stomp.node_inbound_bytes)",
+            ),
+            &["held"],
+        )?;
+        registry.register(Box::new(held_bytes.clone()))?;
+        // Both shown from the start, at 0.
+        held_bytes.with_label_values(&["deliveries"]);
+        held_bytes.with_label_values(&["inbound"]);
         let publish_confirm_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "stompgate_publish_confirm_seconds",
@@ -190,7 +206,8 @@ impl Metrics {
             slow_client_disconnects: counter(
                 r,
                 "slow_client_disconnects_total",
-                "Sessions closed because a write stalled past stomp.slow_client_timeout",
+                "Sessions closed because their client did not read: a write stalled past \
+                 stomp.slow_client_timeout, or deliveries overran amqp.prefetch_bytes",
             )?,
             broker_up: gauge(r, "broker_up", "1 while the broker is reachable")?,
             broker_connections_opened: counter(
@@ -228,6 +245,7 @@ impl Metrics {
                 "messages_nacked_total",
                 "SENDs the broker refused to take (basic.nack), reported on their RECEIPT",
             )?,
+            held_bytes,
             registry,
         })
     }

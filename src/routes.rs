@@ -15,6 +15,7 @@ use warp::{Filter, Rejection};
 use crate::admin;
 use crate::auth::Auth;
 use crate::broker::{Broker, Readiness};
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -35,6 +36,9 @@ pub struct State<B> {
     pub registry: Arc<admin::Registry>,
     pub limits: Arc<ConnectionLimits>,
     pub auth: Arc<Auth>,
+    /// `stomp.node_inbound_bytes`: what all clients' unfinished frames
+    /// and open transactions may hold.
+    pub inbound: Arc<Budget>,
 }
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -209,6 +213,7 @@ fn upgrade<B: Broker>(
                 metrics: state.metrics.clone(),
                 sessions: state.registry.clone(),
                 auth: state.auth.clone(),
+                inbound: state.inbound.clone(),
                 upgrade_token: upgrade_token(&headers, query),
             };
             let sessions = state.sessions.clone();
@@ -229,8 +234,9 @@ fn upgrade<B: Broker>(
             );
             let websocket_config = config;
             let (config, metrics) = (state.config.clone(), state.metrics.clone());
+            let inbound = state.inbound.clone();
             ws.reply(websocket_config, named, move |socket| async move {
-                session::refuse(socket, &config, metrics, refusal).await
+                session::refuse(socket, &config, metrics, &inbound, refusal).await
             })
         }
     }

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::admin;
 use crate::auth::{Auth, AuthMode};
 use crate::broker::Broker;
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -54,6 +55,10 @@ pub async fn run<B: Broker>(
         broker,
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
+        inbound: Budget::new(
+            config.stomp.node_inbound_bytes,
+            metrics.held_bytes.with_label_values(&["inbound"]),
+        ),
         metrics,
         registry: Arc::new(admin::Registry::default()),
         auth,

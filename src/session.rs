@@ -22,6 +22,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::admin::{self, Registration, SessionEntry};
 use crate::auth::{Auth, Grants};
 use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish};
+use crate::budget::{Account, Budget};
 use crate::config::Config;
 use crate::destination::{topic_matches, Destination, DestinationError, Route, Use};
 use crate::limits::{PublishRate, Refusal};
@@ -49,6 +50,16 @@ const CLOSE_TRY_AGAIN: u16 = 1013;
 /// burst of MESSAGEs instead of one each.
 const FLUSH_BYTES: usize = 16 * 1024;
 
+/// See [`Session::keep_up`].
+const SLOW_SOCKET_GRACE: Duration = Duration::from_millis(100);
+
+/// See [`Connection::cut`].
+type CutOff = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// While the node is over stomp.node_inbound_bytes, a client holding more
+/// than this of unfinished frames is not read: one sending ordinary
+/// frames holds far less.
+const INBOUND_FLOOR: usize = 64 << 10;
+
 /// Longest an auto-mode delivery's ack to RabbitMQ is held back to share
 /// one `multiple` ack with the next ones. Sessions of a fan-out get one
 /// delivery per published message, so acking at each pause would ack each
@@ -71,6 +82,8 @@ pub struct SessionContext<B> {
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<admin::Registry>,
     pub auth: Arc<Auth>,
+    /// `stomp.node_inbound_bytes`, shared by every session of the node.
+    pub inbound: Arc<Budget>,
     /// A token from the upgrade request (`Authorization: Bearer` header
     /// or `access_token` query parameter), for `auth.mode = "jwt"`.
     pub upgrade_token: Option<String>,
@@ -105,6 +118,7 @@ impl SessionError {
             SessionError::Frame(FrameError::TooManyHeaders { .. }) => Some("stomp.max_headers"),
             SessionError::Frame(FrameError::HeaderTooLong { .. }) => Some("stomp.max_header_bytes"),
             SessionError::Limit { key, .. } => Some(key),
+            SessionError::Broker(BrokerError::Overrun { limit, .. }) => Some(limit),
             SessionError::Denied { rule, .. } => Some(rule),
             _ => None,
         }
@@ -118,6 +132,7 @@ impl SessionError {
             SessionError::Destination(_) => "invalid destination",
             SessionError::Broker(BrokerError::Unavailable(_)) => "broker unavailable",
             SessionError::Broker(BrokerError::Invalid(_)) => "invalid header",
+            SessionError::Broker(BrokerError::Overrun { .. }) => "slow consumer",
             SessionError::Broker(_) => "broker error",
             SessionError::Protocol(_) => "protocol error",
             SessionError::Limit { .. } => "limit exceeded",
@@ -141,6 +156,9 @@ enum End {
     ConnectTimeout,
     /// A write did not complete within `stomp.slow_client_timeout`.
     SlowClient,
+    /// The node, over amqp.node_prefetch_bytes, cut the session off while
+    /// its client was not reading (no ERROR: it would not be read).
+    CutOff,
     Shutdown,
 }
 
@@ -250,10 +268,11 @@ enum Deferred {
     Nack(String),
 }
 
-#[derive(Default)]
 struct Transaction {
     frames: Vec<Deferred>,
     bytes: usize,
+    /// `bytes`, charged to stomp.node_inbound_bytes.
+    account: Account,
 }
 
 /// Runs one WebSocket connection to its end.
@@ -298,7 +317,7 @@ impl Drop for OpenConnection {
 
 async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: String, peer: String) {
     let stomp = &ctx.config.stomp;
-    let mut conn = Connection::new(ws, &ctx.config, ctx.metrics.clone());
+    let mut conn = Connection::new(ws, &ctx.config, ctx.metrics.clone(), &ctx.inbound);
     let deadline = Instant::now() + stomp.connect_timeout;
     let (connect, receipt) = tokio::select! {
         _ = ctx.shutdown.cancelled() => {
@@ -386,11 +405,13 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         version.as_str(),
         broker.queue_name(),
     ));
+    conn.cut = Some(Box::pin(broker.cut_off()));
     let mut session = Session {
         id,
         version,
         config: ctx.config.clone(),
         metrics: ctx.metrics.clone(),
+        inbound: ctx.inbound.clone(),
         _registration: ctx.sessions.register(entry.clone()),
         entry,
         grants: identity.grants,
@@ -486,6 +507,13 @@ fn record_end(end: &End, metrics: &Metrics) {
                 .with_label_values(&["stomp.slow_client_timeout"])
                 .inc();
         }
+        End::CutOff => {
+            metrics.slow_client_disconnects.inc();
+            metrics
+                .refusals
+                .with_label_values(&["amqp.node_prefetch_bytes"])
+                .inc();
+        }
         _ => {}
     }
     match end {
@@ -510,6 +538,16 @@ struct Connection {
     message_since: Option<Instant>,
     /// Bytes written since the last flush (still in the socket's buffer).
     unflushed: usize,
+    /// What the client sent that is not a whole frame yet (in the decoder
+    /// and in a WebSocket message still arriving), charged to
+    /// stomp.node_inbound_bytes.
+    inbound: Account,
+    /// The socket's byte count when the last whole WebSocket message was in.
+    message_start: u64,
+    /// Resolves when the node cut the session's broker channel off for
+    /// holding too much while its client did not read: writes waiting for
+    /// the client give up then (see [`BrokerSession::cut_off`]).
+    cut: Option<CutOff>,
     read_ready: Arc<ReadReady>,
     /// `frames_sent{command="MESSAGE"}`, looked up once, not per delivery.
     messages_sent: prometheus::IntCounter,
@@ -549,7 +587,12 @@ enum Inbound {
 }
 
 impl Connection {
-    fn new(ws: WebSocket, config: &Config, metrics: Arc<Metrics>) -> Connection {
+    fn new(
+        ws: WebSocket,
+        config: &Config,
+        metrics: Arc<Metrics>,
+        inbound: &Arc<Budget>,
+    ) -> Connection {
         let stomp = &config.stomp;
         Connection {
             ws,
@@ -565,6 +608,9 @@ impl Connection {
             partial_since: None,
             message_since: None,
             unflushed: 0,
+            inbound: inbound.account(),
+            message_start: 0,
+            cut: None,
             read_ready: Arc::new(ReadReady {
                 ready: AtomicBool::new(true),
                 task: AtomicWaker::new(),
@@ -588,6 +634,7 @@ impl Connection {
             // More may wait in tungstenite's buffer, with no wake to come.
             self.read_ready.ready.store(true, Ordering::Release);
             self.message_since = None;
+            self.message_start = self.ws.get_ref().bytes_read();
         } else if self.ws.get_ref().bytes_read() != before {
             // Bytes came, but no whole message: the loop is told, so that
             // it arms stomp.frame_timeout for the message (the socket's
@@ -639,7 +686,31 @@ impl Connection {
     /// One WebSocket message into the decoder. Cancel-safe: `next()` on
     /// the socket loses nothing when dropped.
     async fn read(&mut self) -> Inbound {
-        match std::future::poll_fn(|cx| self.poll_message(cx)).await {
+        let read = std::future::poll_fn(|cx| self.poll_message(cx)).await;
+        let inbound = self.take_read(read).await;
+        self.charge_inbound();
+        inbound
+    }
+
+    /// Charges what the client has begun sending and not finished.
+    fn charge_inbound(&mut self) {
+        let arriving = match self.message_since {
+            Some(_) => self.ws.get_ref().bytes_read() - self.message_start,
+            None => 0,
+        };
+        let arriving = usize::try_from(arriving).unwrap_or(usize::MAX);
+        self.inbound
+            .set(self.decoder.buffered().saturating_add(arriving));
+    }
+
+    /// Whether the node is over stomp.node_inbound_bytes and this client
+    /// holds enough of it to wait: it is not read until the node is under.
+    fn held_back(&self) -> bool {
+        self.inbound.bytes() > INBOUND_FLOOR && self.inbound.budget().over()
+    }
+
+    async fn take_read(&mut self, read: Option<Read>) -> Inbound {
+        match read {
             Some(Read::Message(Ok(message))) => {
                 self.last_read = Instant::now();
                 if message.is_close() {
@@ -685,6 +756,7 @@ impl Connection {
     /// Remembers when the frame now in the decoder began, for
     /// `stomp.frame_timeout`; forgets it once nothing is left over.
     fn note_partial(&mut self) {
+        self.charge_inbound();
         if self.decoder.buffered() == 0 {
             self.partial_since = None;
         } else if self.partial_since.is_none() {
@@ -727,7 +799,7 @@ impl Connection {
         };
         // `feed` waits only when the socket's buffer is full and the
         // client is not reading: that is what the write timeout catches.
-        Self::timed(self.write_timeout, self.ws.feed(message)).await?;
+        Self::timed(self.write_timeout, &mut self.cut, self.ws.feed(message)).await?;
         self.last_write = Instant::now();
         self.unflushed += len;
         if self.unflushed >= FLUSH_BYTES {
@@ -768,26 +840,57 @@ impl Connection {
         Ok(false)
     }
 
+    /// Flushes if the client takes it all within `limit`; false if not
+    /// (what is left is flushed later).
+    async fn flush_within(&mut self, limit: Duration) -> Result<bool, End> {
+        match timeout(limit, self.ws.flush()).await {
+            Ok(Ok(())) => {
+                self.unflushed = 0;
+                Ok(true)
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "websocket write failed");
+                Err(End::PeerGone)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
     /// Sends what [`Connection::write`] buffered.
     async fn flush(&mut self) -> Result<(), End> {
-        Self::timed(self.write_timeout, self.ws.flush()).await?;
+        Self::timed(self.write_timeout, &mut self.cut, self.ws.flush()).await?;
         self.unflushed = 0;
         Ok(())
     }
 
     /// One message now, with whatever was buffered before it.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        Self::timed(self.write_timeout, self.ws.send(message)).await?;
+        Self::timed(self.write_timeout, &mut self.cut, self.ws.send(message)).await?;
         self.last_write = Instant::now();
         self.unflushed = 0;
         Ok(())
     }
 
+    /// A write that may wait for the client: for at most `limit`, and not
+    /// past the node cutting the session off (see [`Connection::cut`]).
     async fn timed(
         limit: Duration,
+        cut: &mut Option<CutOff>,
         write: impl Future<Output = Result<(), websocket::Error>>,
     ) -> Result<(), End> {
-        match timeout(limit, write).await {
+        let cut_off = async {
+            match cut {
+                Some(cut) => cut.await,
+                None => std::future::pending().await,
+            }
+        };
+        // Biased: a write that completes at once never polls the cut.
+        let written = tokio::select! {
+            biased;
+            written = timeout(limit, write) => written,
+            () = cut_off => return Err(End::CutOff),
+        };
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "websocket write failed");
@@ -877,6 +980,8 @@ struct Session<B: Broker> {
     version: Version,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// stomp.node_inbound_bytes, for transactions and to wait on.
+    inbound: Arc<Budget>,
     /// This session's line in `/admin/sessions`.
     entry: Arc<SessionEntry>,
     /// Removes the entry when the session is dropped.
@@ -969,10 +1074,14 @@ impl<B: Broker> Session<B> {
             // A broker that reads nothing (blocked by an alarm) holds the
             // client back rather than its SENDs piling up in the gateway.
             let broker_writable = self.broker.as_ref().is_none_or(BrokerSession::writable);
+            // Past stomp.node_inbound_bytes, the clients that hold the
+            // most of it wait.
+            let held_back = self.conn.held_back();
             let reading = self.disconnecting.is_none()
                 && self.throttled_until.is_none()
                 && self.in_flight.len() < max_unconfirmed
-                && broker_writable;
+                && broker_writable
+                && !held_back;
             let room = self
                 .broker
                 .as_ref()
@@ -1018,7 +1127,8 @@ impl<B: Broker> Session<B> {
                 delivery = next_delivery(&mut self.broker) => {
                     let error = match delivery {
                         Some(Ok(delivery)) => {
-                            let delivered = match self.slowing_for(delivery.body.len()).await {
+                            let body = delivery.body.len();
+                            let delivered = match self.slowing_for(body).await {
                                 Ok(Some(reason)) => self.require_acks(reason, Some(delivery)).await,
                                 Ok(None) => self.deliver(delivery).await,
                                 Err(end) => Err(end),
@@ -1072,6 +1182,7 @@ impl<B: Broker> Session<B> {
                     }
                 }
                 () = maybe(room) => {}
+                () = self.inbound.until_below(), if held_back => {}
                 _ = sleep_until(oldest_send.unwrap_or(far)), if oldest_send.is_some() => {
                     let error = BrokerError::Unavailable(format!(
                         "the broker did not confirm a SEND within amqp.publish_timeout ({publish_timeout:?})"
@@ -1219,6 +1330,7 @@ impl<B: Broker> Session<B> {
                     "broker back: session restored"
                 );
                 self.metrics.sessions_recovered.inc();
+                self.conn.cut = Some(Box::pin(broker.cut_off()));
                 self.broker = Some(broker);
                 Ok(())
             }
@@ -1335,8 +1447,12 @@ impl<B: Broker> Session<B> {
                         ),
                     });
                 }
-                self.transactions
-                    .insert(transaction, Transaction::default());
+                let tx = Transaction {
+                    frames: Vec::new(),
+                    bytes: 0,
+                    account: self.inbound.account(),
+                };
+                self.transactions.insert(transaction, tx);
             }
             ClientCommand::Commit { transaction } => {
                 let tx = self.take_transaction(&transaction)?;
@@ -1396,6 +1512,17 @@ impl<B: Broker> Session<B> {
                 .map(|(n, v)| n.len() + v.len() + 2)
                 .sum();
             tx.bytes += message.body.len() + headers;
+            tx.account.set(tx.bytes);
+            if tx.account.budget().over() {
+                return Err(SessionError::Limit {
+                    key: "stomp.node_inbound_bytes",
+                    detail: format!(
+                        "the node holds more than stomp.node_inbound_bytes ({} bytes) for its \
+                         clients: transaction {name:?} can take no more",
+                        tx.account.budget().limit()
+                    ),
+                });
+            }
             if tx.bytes > stomp.max_transaction_bytes {
                 return Err(SessionError::Limit {
                     key: "stomp.max_transaction_bytes",
@@ -1665,8 +1792,23 @@ impl<B: Broker> Session<B> {
     }
 
     /// Before a write that may wait for the client: see [`Session::slowing`].
+    /// On the fast path, what is buffered must also go within
+    /// SLOW_SOCKET_GRACE: a client that stopped reading mid-batch (less
+    /// than FLUSH_BYTES buffered, which the per-delivery check leaves be)
+    /// would otherwise hold the session in the flush that follows for up
+    /// to stomp.slow_client_timeout, deliveries piling up behind it
+    /// without acks. A client only a moment behind stays on the fast path.
     async fn keep_up(&mut self) -> Result<(), End> {
-        match self.slowing().await? {
+        let mut reason = self.slowing().await?;
+        let fast = self.broker.as_ref().is_some_and(|b| !b.acks());
+        if reason.is_none()
+            && fast
+            && self.conn.unflushed > 0
+            && !self.conn.flush_within(SLOW_SOCKET_GRACE).await?
+        {
+            reason = Some("slow_socket");
+        }
+        match reason {
             Some(reason) => self.require_acks(reason, None).await,
             None => Ok(()),
         }
@@ -1904,6 +2046,9 @@ impl<B: Broker> Session<B> {
         if let Some(key) = error.limit_key() {
             self.conn.refused(key);
         }
+        if let SessionError::Broker(BrokerError::Overrun { .. }) = error {
+            self.metrics.slow_client_disconnects.inc();
+        }
         let frame = self.with_unanswered(
             command::error(error.summary(), &error.to_string(), None),
             receipt,
@@ -1978,8 +2123,14 @@ impl<B: Broker> Session<B> {
 
 /// Answers a WebSocket that a connection limit refused: an ERROR naming
 /// the limit, then the close.
-pub async fn refuse(ws: WebSocket, config: &Config, metrics: Arc<Metrics>, refusal: Refusal) {
-    let mut conn = Connection::new(ws, config, metrics);
+pub async fn refuse(
+    ws: WebSocket,
+    config: &Config,
+    metrics: Arc<Metrics>,
+    inbound: &Arc<Budget>,
+    refusal: Refusal,
+) {
+    let mut conn = Connection::new(ws, config, metrics, inbound);
     conn.refused(refusal.key());
     let error = command::error("too many connections", &refusal.detail(), None);
     conn.finish(Some(error), CLOSE_TRY_AGAIN).await;

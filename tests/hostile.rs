@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    body_text, reader_and_writer, refusals, resident_kib, unique, Client, Closed, Gateway,
+    body_text, reader_and_writer, refusals, resident_kib, unique, Client, Closed, Gateway, Node,
 };
 use futures_util::StreamExt;
 use stompgate::stomp::frame::Frame;
@@ -746,3 +746,337 @@ async fn large_sends_are_throttled_by_bytes() {
     client.disconnect().await;
     gw.stop().await;
 }
+
+/// Samples a spawned gateway's resident memory until `done` resolves;
+/// returns what `done` gave and the highest sample in KiB (VmHWM is the
+/// process's peak, whatever the sampling missed).
+async fn sampling_memory<T>(node: &Node, done: impl std::future::Future<Output = T>) -> (T, u64) {
+    tokio::pin!(done);
+    let mut highest = 0;
+    loop {
+        highest = highest.max(node.memory_kib().0);
+        tokio::select! {
+            out = &mut done => return (out, highest.max(node.memory_kib().1)),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Ten subscribers that never read, and twenty 4 MB messages to their
+/// topic (the report: 824 MB peak, 564 MB still held after they closed).
+/// A session that stops taking deliveries holds at most
+/// amqp.prefetch_bytes of them, and is ended past it (an ERROR naming the
+/// limit, or cut off when the node holds too much); the node stays far
+/// below 512 MiB, returns near where it started, and serves another
+/// client throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_readers_of_large_messages_cannot_fill_the_node() {
+    let node = Node::spawn(&[]);
+    let gw = &node.gateway;
+    assert_served(gw).await;
+    let (baseline, _) = node.memory_kib();
+    let cpu_before = node.cpu_time();
+    let dest = format!("/topic/{}", unique("big"));
+    let mut stuck = Vec::new();
+    for i in 0..10 {
+        let (mut client, _) = Client::connect(gw).await;
+        client.subscribe(&format!("s{i}"), &dest).await;
+        stuck.push(client);
+    }
+    let (mut writer, _) = Client::connect(gw).await;
+    let started = Instant::now();
+    let attack = async {
+        let body = "x".repeat(4_000_000);
+        for _ in 0..20 {
+            writer.send(&dest, &body).await;
+        }
+        writer.send_confirmed(&dest, "last").await;
+        // Others are served while the stuck sessions hold what they hold.
+        assert_served(gw).await;
+        // Every stuck session is ended (as a slow client, for the bytes
+        // it holds or, failing that, for stomp.slow_client_timeout).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let metrics = common::scrape(gw).await;
+            let ended = metrics["stompgate_slow_client_disconnects_total"];
+            if ended >= 10.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{ended} stuck sessions ended");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ((), peak) = sampling_memory(&node, attack).await;
+    let took = started.elapsed();
+    let cpu = node.cpu_time() - cpu_before;
+    println!(
+        "10 stuck readers × 20 × 4 MB: baseline {} MiB, peak {} MiB, CPU {cpu:?} in {took:?}",
+        baseline / 1024,
+        peak / 1024,
+    );
+    assert!(peak < 512 * 1024, "the node peaked at {} MiB", peak / 1024);
+    // Each was ended for the bytes it held: by its own bound (an ERROR
+    // it finds when it reads at last) or, past the node's, cut off; one
+    // that stayed within its bound (its acked window full, the broker
+    // holding the rest) at stomp.slow_client_timeout.
+    let by_session = refusals(gw, "amqp.prefetch_bytes").await;
+    let by_node = refusals(gw, "amqp.node_prefetch_bytes").await;
+    let timed_out = refusals(gw, "stomp.slow_client_timeout").await;
+    assert_eq!(by_session + by_node + timed_out, 10.0);
+    println!("ended by amqp.prefetch_bytes {by_session}, amqp.node_prefetch_bytes {by_node}, stomp.slow_client_timeout {timed_out}");
+    for mut client in stuck {
+        loop {
+            match client.next(common::WAIT).await {
+                Ok(frame) if frame.command == "MESSAGE" => continue,
+                Ok(error) => {
+                    assert_eq!(error.get("message"), Some("slow consumer"), "{error:?}");
+                    assert!(body_text(&error).contains("prefetch_bytes"));
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    writer.disconnect().await;
+    // Freed memory goes back to the system.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (now, _) = node.memory_kib();
+        if now < baseline + 64 * 1024 {
+            println!("after the attack: {} MiB", now / 1024);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node still holds {} MiB (it started at {} MiB)",
+            now / 1024,
+            baseline / 1024
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three subscribers stop reading a channel carrying 500 messages a second
+/// (the report: the session never moved to acked consumption, and the
+/// gateway grew by 100 MB per stuck client in 30 s). Each moves to acks,
+/// so RabbitMQ holds its backlog; the node's memory stays flat, and a
+/// reader of the same channel gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_readers_of_a_busy_channel_leave_the_backlog_in_rabbitmq() {
+    let node = Node::spawn(&[]);
+    let gw = &node.gateway;
+    let mgmt = common::Management::new();
+    let dest = format!("/topic/{}", unique("busy"));
+    let mut stuck = Vec::new();
+    let mut queues = Vec::new();
+    for i in 0..3 {
+        let (mut client, session) = Client::connect(gw).await;
+        client.subscribe(&format!("s{i}"), &dest).await;
+        queues.push(gw.queue_of(&session));
+        stuck.push(client);
+    }
+    let (mut reader, mut writer) = reader_and_writer(gw, &dest, "auto").await;
+    let (baseline, _) = node.memory_kib();
+    let cpu_before = node.cpu_time();
+    let body = "b".repeat(4000);
+    let count = 5000;
+    let started = Instant::now();
+    // The reader keeps up, and gets every message in order.
+    let reading = tokio::spawn(async move {
+        for i in 0..count {
+            let message = reader.recv_message().await;
+            assert_eq!(&message.body[..5], format!("{i:05}").as_bytes());
+        }
+        reader
+    });
+    let run = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        for i in 0..count {
+            tick.tick().await;
+            writer.send(&dest, &format!("{i:05}{body}")).await;
+        }
+        reading.await.expect("the reader got every message")
+    };
+    let (reader, peak) = sampling_memory(&node, run).await;
+    let cpu = node.cpu_time() - cpu_before;
+    println!(
+        "3 stuck readers at 500 msg/s for {:?}: baseline {} MiB, peak {} MiB, CPU {cpu:?}",
+        started.elapsed(),
+        baseline / 1024,
+        peak / 1024
+    );
+    // Every stuck session consumes with acks now...
+    let metrics = common::scrape(gw).await;
+    let moved: f64 = metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("stompgate_acked_consumption_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(moved, 3.0, "{metrics:?}");
+    // ...so RabbitMQ holds what they did not read.
+    for queue in &queues {
+        let ready = mgmt.queue(queue).await.expect("queue")["messages_ready"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(ready > 1000, "{queue} holds only {ready} ready messages");
+    }
+    assert!(
+        peak < baseline + 64 * 1024,
+        "the node grew from {} to {} MiB",
+        baseline / 1024,
+        peak / 1024
+    );
+    for client in stuck {
+        drop(client);
+    }
+    writer.disconnect().await;
+    reader.disconnect().await;
+    mgmt.wait_no_queues(&gw.queue_prefix(), Duration::from_secs(40))
+        .await;
+}
+
+/// `stompgate_held_bytes{held=…}` now.
+async fn held_bytes(gw: &Gateway, held: &str) -> f64 {
+    common::scrape(gw).await[&format!(r#"stompgate_held_bytes{{held="{held}"}}"#)]
+}
+
+/// Waits until `stompgate_held_bytes{held=…}` satisfies `ok`.
+async fn wait_held_bytes(gw: &Gateway, held: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let bytes = held_bytes(gw, held).await;
+        if ok(bytes) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{held} holds {bytes} bytes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stuck subscribers that each stay under amqp.prefetch_bytes but together
+/// pass amqp.node_prefetch_bytes: those that hold more than 1 MiB and
+/// have not taken a delivery for a second are ended, counted under the
+/// node's limit; a reader that keeps up gets every message, and what was
+/// held is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_readers_together_are_held_to_a_node_budget() {
+    let gw = Gateway::start_with(|c| {
+        c.amqp.prefetch_bytes = 64 << 20;
+        c.amqp.node_prefetch_bytes = 4 << 20;
+    })
+    .await;
+    let dest = format!("/topic/{}", unique("node"));
+    let mut stuck = Vec::new();
+    for i in 0..6 {
+        let (mut client, _) = Client::connect(&gw).await;
+        client.subscribe(&format!("s{i}"), &dest).await;
+        stuck.push(client);
+    }
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "auto").await;
+    let count = 64;
+    let reading = tokio::spawn(async move {
+        for i in 0..count {
+            let message = reader.recv_message().await;
+            assert_eq!(&message.body[..4], format!("{i:04}").as_bytes());
+        }
+        reader
+    });
+    let body = "n".repeat(256 << 10);
+    for i in 0..count {
+        writer.send(&dest, &format!("{i:04}{body}")).await;
+    }
+    let reader = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("the reader got every message in time")
+        .unwrap();
+    let deadline = Instant::now() + common::WAIT;
+    while refusals(&gw, "amqp.node_prefetch_bytes").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no session was ended for amqp.node_prefetch_bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Those cut off while their write waited get no ERROR (they would
+    // not read it): their connection ends. Once the node was back under
+    // its budget, the others were left alone: they get every message.
+    for mut client in stuck {
+        let mut got = 0;
+        while got < count {
+            match client.next(common::WAIT).await {
+                Ok(frame) if frame.command == "MESSAGE" => got += 1,
+                Ok(error) => {
+                    assert_eq!(error.get("message"), Some("slow consumer"), "{error:?}");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    wait_held_bytes(&gw, "deliveries", |b| b == 0.0).await;
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}
+
+/// Clients each holding part of a large frame: past
+/// stomp.node_inbound_bytes a transaction takes no more SENDs and a client
+/// holding more than 64 KiB is not read until the node is back under (or
+/// its frame times out), while clients sending ordinary frames are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_holding_unfinished_frames_are_held_to_a_node_budget() {
+    let gw = Gateway::start_with(|c| {
+        c.stomp.node_inbound_bytes = 1 << 20;
+        // Long enough for what follows to happen while the node is over.
+        c.stomp.frame_timeout = Duration::from_secs(15);
+    })
+    .await;
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let (mut client, _) = Client::connect(&gw).await;
+        // 512 KiB of a SEND without its NUL: a frame begun, not ended.
+        let mut partial = b"SEND\ndestination:/topic/x\n\n".to_vec();
+        partial.resize(512 << 10, b'p');
+        client.send_raw(&partial).await;
+        holders.push(client);
+    }
+    wait_held_bytes(&gw, "inbound", |b| b > f64::from(1 << 20)).await;
+    assert_served(&gw).await;
+    let (mut tx, _) = Client::connect(&gw).await;
+    tx.send_raw(b"BEGIN\ntransaction:t\n\n\0SEND\ndestination:/topic/x\ntransaction:t\n\nbody\0")
+        .await;
+    let error = tx.expect_error().await;
+    assert_eq!(error.get("message"), Some("limit exceeded"));
+    assert!(body_text(&error).contains("stomp.node_inbound_bytes"));
+    assert_eq!(refusals(&gw, "stomp.node_inbound_bytes").await, 1.0);
+    // A client that sends a large frame now is not read while the node is
+    // over: nothing of it is published...
+    let late_dest = format!("/topic/{}", unique("late"));
+    let (mut reader, _) = Client::connect(&gw).await;
+    reader.subscribe("s", &late_dest).await;
+    let (mut late, _) = Client::connect(&gw).await;
+    let mut frame = format!("SEND\ndestination:{late_dest}\n\n").into_bytes();
+    frame.resize(512 << 10, b'l');
+    late.send_raw(&frame).await;
+    late.send_raw(b"\0").await;
+    let early = tokio::time::timeout(Duration::from_secs(2), reader.recv_message()).await;
+    assert!(
+        early.is_err(),
+        "published while the node was over: {early:?}"
+    );
+    // ...until the others' frames, which never end, are cut off at
+    // stomp.frame_timeout and what they held is given back (a client not
+    // read does not show that it has gone: its frame_timeout ends it).
+    for mut holder in holders {
+        let error = holder.next(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(error.get("message"), Some("frame timeout"), "{error:?}");
+    }
+    let message = reader.next(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(message.body.len(), frame.len() - late_dest.len() - 19);
+    wait_held_bytes(&gw, "inbound", |b| b == 0.0).await;
+    late.disconnect().await;
+    reader.disconnect().await;
+    assert_served(&gw).await;
+    gw.stop().await;
+}
+

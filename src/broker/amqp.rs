@@ -33,10 +33,11 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::{Broker, BrokerError, BrokerSession, Confirmed, Delivery, Publish, Readiness};
+use crate::budget::Budget;
 use crate::config::{AmqpConfig, Overflow};
 use crate::destination::Route;
 use crate::metrics::Metrics;
-use client::{Channel, Connection, Message, Options, STAMP_HEADER};
+use client::{Channel, Connection, Holding, Message, Options, STAMP_HEADER};
 
 /// STOMP headers that describe the frame itself, not the message, or
 /// that only a server sets: they never travel to RabbitMQ from a SEND,
@@ -75,6 +76,10 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// long get the same failure at once instead of each waiting out its own
 /// `amqp.connect_timeout` in turn.
 const FAIL_FAST_FOR: Duration = Duration::from_secs(1);
+/// While the node holds more than amqp.node_prefetch_bytes of deliveries,
+/// a session holding more than this is ended as too slow: a client that
+/// keeps up holds far less.
+const NODE_FLOOR: usize = 1 << 20;
 
 #[derive(Clone)]
 pub struct AmqpBroker {
@@ -89,6 +94,7 @@ pub struct AmqpBroker {
     health: Arc<Health>,
     node_id: String,
     prefetch: u16,
+    prefetch_bytes: usize,
     queue_max_length: u32,
     queue_max_bytes: u64,
     queue_overflow: Overflow,
@@ -245,6 +251,14 @@ impl AmqpBroker {
         options.heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
         options.call_timeout = config.call_timeout;
         options.tls = Some(tls);
+        options.holding = Some(Holding {
+            per_channel: config.prefetch_bytes,
+            floor: NODE_FLOOR,
+            node: Budget::new(
+                config.node_prefetch_bytes,
+                metrics.held_bytes.with_label_values(&["deliveries"]),
+            ),
+        });
         Ok(AmqpBroker {
             urls: urls.into(),
             current: Arc::new(AtomicUsize::new(0)),
@@ -265,6 +279,7 @@ impl AmqpBroker {
             }),
             node_id: node_id.to_owned(),
             prefetch: config.prefetch,
+            prefetch_bytes: config.prefetch_bytes,
             queue_max_length: config.queue_max_length,
             queue_max_bytes: config.queue_max_bytes,
             queue_overflow: config.queue_overflow,
@@ -474,6 +489,9 @@ impl Broker for AmqpBroker {
             acks,
             behind: false,
             backlog_limit: usize::from(self.prefetch),
+            window: self.prefetch,
+            prefetch_bytes: self.prefetch_bytes,
+            largest: 0,
             session_id: session_id.to_owned(),
             queue,
             call_timeout: self.options.call_timeout,
@@ -547,6 +565,12 @@ pub struct AmqpSession {
     acks: bool,
     behind: bool,
     backlog_limit: usize,
+    /// The prefetch with acks: amqp.prefetch, lowered so that a window of
+    /// the largest message seen fits amqp.prefetch_bytes.
+    window: u16,
+    prefetch_bytes: usize,
+    /// The largest delivery body seen.
+    largest: usize,
     session_id: String,
     queue: String,
     /// How long a publish may wait for room in the connection's outbox.
@@ -644,6 +668,15 @@ impl BrokerSession for AmqpSession {
             // Cancel-safe: what was taken stays in `taken`.
             std::future::poll_fn(|cx| self.take(cx)).await;
         }
+        if let Some(Ok(next)) = self.taken.front() {
+            self.largest = self.largest.max(next.body.len());
+            if self.acks {
+                // Cancel-safe too: the delivery is taken after the call.
+                if let Err(e) = self.fit_window().await {
+                    return Some(Err(e));
+                }
+            }
+        }
         let delivery = self.taken.pop_front()?;
         Some(delivery.map(|d| delivery_of(d, !self.acks)))
     }
@@ -663,6 +696,21 @@ impl BrokerSession for AmqpSession {
         // The new consumer first: the queue is auto-delete, and would go
         // with its last consumer. The broker takes both in order.
         let acked = consumer_tag(&self.session_id, true)?;
+        // The new consumer's prefetch fits the largest message so far.
+        self.largest = self
+            .taken
+            .iter()
+            .filter_map(|d| d.as_ref().ok())
+            .map(|d| d.body.len())
+            .fold(self.largest, usize::max);
+        self.window = self.fitting();
+        let qos = basic::Qos {
+            prefetch_count: self.window,
+            global: false,
+        };
+        self.channel
+            .call(AMQPClass::Basic(basic::AMQPMethod::Qos(qos)))
+            .await?;
         self.channel
             .replace_consumer(&self.queue, &acked, false, &self.consumer)
             .await?;
@@ -708,6 +756,10 @@ impl BrokerSession for AmqpSession {
         self.channel.writable()
     }
 
+    fn cut_off(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.channel.cut_off()
+    }
+
     fn until_writable(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.channel.until_writable()
     }
@@ -743,6 +795,36 @@ impl BrokerSession for AmqpSession {
 }
 
 impl AmqpSession {
+    /// The prefetch that keeps a window of the largest message seen within
+    /// half of amqp.prefetch_bytes (at least 1, at most amqp.prefetch):
+    /// the session may hold what it is writing besides.
+    fn fitting(&self) -> u16 {
+        let fits = self.prefetch_bytes / 2 / self.largest.max(1);
+        u16::try_from(fits)
+            .unwrap_or(u16::MAX)
+            .clamp(1, self.window)
+    }
+
+    /// Lowers the channel's prefetch when a larger message than before
+    /// would make a window of them overrun amqp.prefetch_bytes (RabbitMQ
+    /// applies a channel's `global` prefetch at once, beside the
+    /// consumer's own). Never raised again: large messages come again.
+    async fn fit_window(&mut self) -> Result<(), BrokerError> {
+        let fits = self.fitting();
+        if fits >= self.window {
+            return Ok(());
+        }
+        self.window = fits;
+        let qos = basic::Qos {
+            prefetch_count: fits,
+            global: true,
+        };
+        self.channel
+            .call(AMQPClass::Basic(basic::AMQPMethod::Qos(qos)))
+            .await
+            .map(drop)
+    }
+
     /// Takes what the channel holds for the consumer, up to the backlog
     /// limit; ready once something was taken or the consumer ended. How
     /// many there were tells whether the session keeps up.
@@ -754,7 +836,11 @@ impl AmqpSession {
         let taking = self
             .channel
             .poll_take(cx, &self.consumer, &mut self.taken, room);
-        if self.taken.len() >= self.backlog_limit {
+        // Without acks, half of amqp.prefetch_bytes waiting is behind
+        // too: past the whole of it the channel is overrun.
+        if self.taken.len() >= self.backlog_limit
+            || self.channel.held_bytes() > self.prefetch_bytes / 2
+        {
             self.behind |= !self.acks;
         }
         taking

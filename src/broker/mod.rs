@@ -64,6 +64,10 @@ pub enum BrokerError {
     /// The client's message cannot be expressed in AMQP.
     #[error("{0}")]
     Invalid(String),
+    /// The session's client fell so far behind that its deliveries would
+    /// take the gateway past `limit` (a config key): the session is over.
+    #[error("{detail}")]
+    Overrun { limit: &'static str, detail: String },
 }
 
 /// What the broker link can do for new sessions.
@@ -131,6 +135,13 @@ pub trait BrokerSession: Send + 'static {
     /// Whether, without acknowledgements, deliveries came in faster than
     /// they were taken: at least a prefetch's worth was waiting at once.
     fn behind(&self) -> bool;
+
+    /// Resolves when the broker side gave the session up because the node
+    /// holds too much for slow clients ([`BrokerError::Overrun`] with the
+    /// node's limit): the session ends at once, whatever it is waiting for.
+    fn cut_off(&self) -> impl Future<Output = ()> + Send + 'static {
+        std::future::pending()
+    }
 
     /// Consumes with acknowledgements from now on, so that the broker holds
     /// what the session has not taken, at most a prefetch in the gateway.

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amq_protocol::frame::{gen_frame, AMQPContentHeader, AMQPFrame, WriteContext};
 use amq_protocol::protocol::{basic, channel, connection, AMQPClass, BasicProperties};
@@ -48,6 +48,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::wire;
 use crate::broker::{BrokerError, Confirmed};
+use crate::budget::{Budget, Held};
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -122,6 +123,38 @@ pub struct Options {
     /// TLS for `amqps://`; None verifies against the system's CAs.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub observer: Arc<dyn Observer>,
+    /// Bounds on the bytes of deliveries held in the gateway; None: none.
+    pub holding: Option<Holding>,
+}
+
+/// A session that has not come for deliveries for this long, holding
+/// more than [`Holding::per_channel`], is not keeping up: a session that
+/// is, even in a burst, comes back at once.
+const STALLED: Duration = Duration::from_millis(250);
+/// The same for a session holding more than [`Holding::floor`] while the
+/// node is over its budget: longer, as a node short of memory may be
+/// short of CPU too, and a session only slow to be scheduled is not
+/// stuck.
+const NODE_STALLED: Duration = Duration::from_secs(1);
+/// The config key of [`Holding::node`].
+const NODE_LIMIT: &str = "amqp.node_prefetch_bytes";
+
+/// How many bytes of deliveries the gateway may hold, counted from their
+/// content header until the last copy of their body is dropped (the
+/// session has written them to its client). RabbitMQ's prefetch counts
+/// messages only, and a consumer without acks has none: this is the bound
+/// in bytes. A delivery that would take a channel whose session has not
+/// come for deliveries for [`STALLED`] past `per_channel` (or any channel
+/// past twice that), unless the channel holds nothing (one message of
+/// any size may pass), or one past `floor` while the node is over its
+/// `node` budget and the session has not come for [`NODE_STALLED`], overruns
+/// the channel: its deliveries are dropped, the broker is told to close
+/// it, and its calls and takes fail with [`BrokerError::Overrun`].
+#[derive(Clone)]
+pub struct Holding {
+    pub per_channel: usize,
+    pub floor: usize,
+    pub node: Arc<Budget>,
 }
 
 impl Options {
@@ -134,6 +167,7 @@ impl Options {
             call_timeout: CALL_TIMEOUT,
             tls: None,
             observer: Arc::new(Quiet),
+            holding: None,
         }
     }
 }
@@ -165,6 +199,7 @@ struct Inner {
     frame_max: usize,
     call_timeout: Duration,
     observer: Arc<dyn Observer>,
+    holding: Option<Holding>,
     /// Ends both tasks: the last handle was dropped, or the connection failed.
     stop: CancellationToken,
 }
@@ -248,6 +283,12 @@ struct ChannelShared {
     /// more publishes until it clears it. Outside the state's lock, as
     /// sessions read it on every turn of their loop.
     paused: AtomicBool,
+    /// Bytes of this channel's deliveries held in the gateway (see
+    /// [`Holding`]).
+    held: Arc<AtomicUsize>,
+    /// Cancelled when the node's budget cut the channel off (see
+    /// [`Channel::cut_off`]).
+    cut: CancellationToken,
 }
 
 /// Where a channel is in its life, as the broker sees it.
@@ -283,6 +324,8 @@ struct ChannelState {
     next_seq: u64,
     /// Sequence numbers of returned publishes whose confirm has not come.
     returned: Vec<u64>,
+    /// When the session last came for deliveries (see [`STALLED`]).
+    last_take: Option<Instant>,
 }
 
 /// A synchronous call and the reply it expects: class and method id.
@@ -311,6 +354,8 @@ struct Incoming {
     body: BytesMut,
     /// The whole body when it came in one frame, without a copy.
     single: Option<Bytes>,
+    /// The body's bytes, charged from the content header on.
+    held: Option<Held>,
 }
 
 /// A message the broker delivered to a consumer.
@@ -386,12 +431,16 @@ impl Connection {
             frame_max: tuned.frame_max as usize,
             call_timeout: options.call_timeout,
             observer: options.observer.clone(),
+            holding: options.holding.clone(),
             stop: CancellationToken::new(),
         });
         let (reader, writer) = tokio::io::split(stream);
         let heartbeat = (tuned.heartbeat > 0).then(|| Duration::from_secs(tuned.heartbeat.into()));
         tokio::spawn(read_loop(inner.clone(), reader, buf, heartbeat));
         tokio::spawn(write_loop(inner.clone(), writer, heartbeat));
+        if inner.holding.is_some() {
+            tokio::spawn(sweep_loop(Arc::downgrade(&inner)));
+        }
         Ok(Connection {
             _close_on_drop: Arc::new(inner.stop.clone().drop_guard()),
             inner,
@@ -434,9 +483,12 @@ impl Connection {
                 id: id as u16,
                 state: Mutex::new(ChannelState {
                     next_seq: 1,
+                    last_take: Some(Instant::now()),
                     ..ChannelState::default()
                 }),
                 paused: AtomicBool::new(false),
+                held: Arc::new(AtomicUsize::new(0)),
+                cut: CancellationToken::new(),
             });
             channels.slots[id] = Some(shared.clone());
             channels.next = id % (size - 1) + 1;
@@ -555,8 +607,24 @@ impl Inner {
     /// fail as if the broker were lost, so the session opens a new one,
     /// and the broker is told to close it.
     fn abandon(&self, channel: &ChannelShared, why: String) {
+        self.give_up(channel, BrokerError::Unavailable(why));
+    }
+
+    /// A delivery would take the channel past what it may hold: what it
+    /// holds is dropped, and the channel given up with `error`.
+    fn overrun(&self, channel: &ChannelShared, error: BrokerError) {
+        let dropped: Vec<VecDeque<Message>> = lock(&channel.state)
+            .consumers
+            .iter_mut()
+            .map(|c| std::mem::take(&mut c.messages))
+            .collect();
+        drop(dropped);
+        self.give_up(channel, error);
+    }
+
+    fn give_up(&self, channel: &ChannelShared, error: BrokerError) {
         let mut state = lock(&channel.state);
-        state.fail(BrokerError::Unavailable(why));
+        state.fail(error);
         match state.phase {
             Phase::Open => {
                 state.phase = Phase::Closing;
@@ -600,11 +668,29 @@ impl Inner {
         };
         let mut state = lock(&channel.state);
         let mut fault = None;
+        let idle = state.last_take.map_or(Duration::MAX, |t| t.elapsed());
         match frame {
             Frame::Header(_, header) => match state.incoming.as_mut() {
                 Some(incoming) => {
-                    incoming.size = header.body_size as usize;
+                    incoming.size = usize::try_from(header.body_size).unwrap_or(usize::MAX);
                     incoming.properties = header.properties;
+                    if let (Some(holding), Some(_)) = (&self.holding, &incoming.deliver) {
+                        match holding.admit(&channel, incoming.size, idle) {
+                            Ok(held) => incoming.held = Some(held),
+                            Err(overrun) => {
+                                drop(state);
+                                let node = matches!(
+                                    overrun,
+                                    BrokerError::Overrun { limit, .. } if limit == NODE_LIMIT
+                                );
+                                self.overrun(&channel, overrun);
+                                if node {
+                                    channel.cut.cancel();
+                                }
+                                return Ok(());
+                            }
+                        }
+                    }
                     if incoming.size == 0 {
                         state.complete();
                     }
@@ -849,7 +935,11 @@ impl ChannelState {
         let Some(incoming) = self.incoming.take() else {
             return;
         };
-        let body = incoming.single.unwrap_or_else(|| incoming.body.freeze());
+        let mut body = incoming.single.unwrap_or_else(|| incoming.body.freeze());
+        if let Some(held) = incoming.held {
+            // Released when the last copy of the body goes.
+            body = Bytes::from_owner(HeldBody { body, _held: held });
+        }
         let Some(deliver) = incoming.deliver else {
             if let Some(seq) = stamp_of(&incoming.properties) {
                 self.returned.push(seq);
@@ -886,7 +976,63 @@ impl Incoming {
             size: 0,
             body: BytesMut::new(),
             single: None,
+            held: None,
         }
+    }
+}
+
+impl Holding {
+    /// Charges a delivery of `size` bytes to `channel`, or says why it
+    /// overruns the channel.
+    fn admit(
+        &self,
+        channel: &ChannelShared,
+        size: usize,
+        idle: Duration,
+    ) -> Result<Held, BrokerError> {
+        let held = channel.held.load(Ordering::Relaxed);
+        let after = held.saturating_add(size);
+        // A session that keeps coming for deliveries is writing them to a
+        // client that reads: what it holds passes (a burst without acks,
+        // republished SENDs after an outage), up to twice the bound.
+        let past = after > self.per_channel && (idle > STALLED || after > self.per_channel * 2);
+        if held > 0 && past {
+            return Err(BrokerError::Overrun {
+                limit: "amqp.prefetch_bytes",
+                detail: format!(
+                    "the session holds {held} bytes of deliveries its client has not read, \
+                     and the next ({size} bytes) would take it past amqp.prefetch_bytes ({})",
+                    self.per_channel
+                ),
+            });
+        }
+        if held > self.floor && self.node.over() && idle > NODE_STALLED {
+            return Err(self.node_overrun(held));
+        }
+        Ok(self.node.charge(size, Some(channel.held.clone())))
+    }
+
+    fn node_overrun(&self, held: usize) -> BrokerError {
+        BrokerError::Overrun {
+            limit: NODE_LIMIT,
+            detail: format!(
+                "the node holds more than amqp.node_prefetch_bytes ({}) of deliveries, \
+                 and this session {held} bytes its client has not read for {NODE_STALLED:?}",
+                self.node.limit()
+            ),
+        }
+    }
+}
+
+/// A delivery's body with its charge, released with the body.
+struct HeldBody {
+    body: Bytes,
+    _held: Held,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
     }
 }
 
@@ -897,6 +1043,19 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// Bytes of this channel's deliveries the gateway holds.
+    pub fn held_bytes(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the node, over its budget of deliveries, cut this
+    /// stalled channel off: its session should end at once, even in the
+    /// middle of a write its client is not reading, to give back what
+    /// it holds.
+    pub fn cut_off(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.shared.cut.clone().cancelled_owned()
+    }
+
     pub fn is_open(&self) -> bool {
         self.connection.is_open() && lock(&self.shared.state).closed.is_none()
     }
@@ -1063,6 +1222,7 @@ impl Channel {
         limit: usize,
     ) -> Poll<()> {
         let mut state = lock(&self.shared.state);
+        state.last_take = Some(Instant::now());
         let closed = state.closed.clone();
         let Some(consumer) = state.consumers.iter_mut().find(|c| c.tag.as_str() == tag) else {
             return Poll::Ready(());
@@ -1547,6 +1707,42 @@ async fn read_loop(
 /// Writes what sessions queued, in batches, and heart-beats when idle.
 /// A write stuck on a broker that stopped reading is abandoned as soon as
 /// the connection is declared dead.
+/// While the node is over its budget of deliveries, ends the channels
+/// that hold more than the floor and whose session has stalled: in a
+/// window of acked deliveries nothing new comes that would overrun them.
+async fn sweep_loop(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(NODE_STALLED / 4).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.stop.is_cancelled() {
+            return;
+        }
+        let Some(holding) = inner.holding.as_ref().filter(|h| h.node.over()) else {
+            continue;
+        };
+        let channels: Vec<Arc<ChannelShared>> = lock(&inner.channels)
+            .slots
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for channel in channels {
+            let held = channel.held.load(Ordering::Relaxed);
+            let stalled = {
+                let state = lock(&channel.state);
+                state.phase == Phase::Open
+                    && state.last_take.is_none_or(|t| t.elapsed() > NODE_STALLED)
+            };
+            if stalled && held > holding.floor && holding.node.over() {
+                inner.overrun(&channel, holding.node_overrun(held));
+                channel.cut.cancel();
+            }
+        }
+    }
+}
+
 async fn write_loop(
     inner: Arc<Inner>,
     mut writer: impl AsyncWrite + Unpin,
