@@ -918,6 +918,12 @@ impl Connection {
     /// Last frame (if any), close frame, then waits a little for the peer's
     /// close so that the last frame is read before the socket goes.
     async fn finish(&mut self, last: Option<Frame>, code: u16) {
+        // Nothing more is read as frames: what was begun goes now, not
+        // after the close handshake (seconds, for a client that does not
+        // answer), so others waiting on stomp.node_inbound_bytes go on.
+        self.decoder.discard();
+        self.message_since = None;
+        self.inbound.set(0);
         if let Some(frame) = last {
             if self.write(&frame).await.is_err() {
                 return;

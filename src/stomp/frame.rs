@@ -159,6 +159,13 @@ impl Decoder {
         self.buf.extend_from_slice(data);
     }
 
+    /// Drops what was received and not decoded: the connection is ending.
+    pub fn discard(&mut self) {
+        self.buf = BytesMut::new();
+        self.head = None;
+        self.head_scan = HeadScan::default();
+    }
+
     /// Bytes received but not yet decoded into a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len()
