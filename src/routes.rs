@@ -17,7 +17,7 @@ use crate::auth::Auth;
 use crate::broker::{Broker, Readiness};
 use crate::budget::Budget;
 use crate::config::Config;
-use crate::limits::ConnectionLimits;
+use crate::limits::{ConnectionLimits, Permit, Refusal};
 use crate::metrics::Metrics;
 use crate::session::{self, SessionContext};
 use crate::stomp::command::Version;
@@ -58,6 +58,7 @@ pub fn routes<B: Broker>(
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::headers_cloned())
         .and(peer_addr())
+        .and(warp::ext::optional::<ConnectionSlot>())
         .and(with_state.clone())
         .map(upgrade);
     let healthz = warp::path("healthz")
@@ -162,6 +163,7 @@ fn upgrade<B: Broker>(
     query: HashMap<String, String>,
     headers: HeaderMap,
     peer: Option<SocketAddr>,
+    slot: Option<ConnectionSlot>,
     state: Arc<State<B>>,
 ) -> Response {
     let ws = match ws {
@@ -202,7 +204,12 @@ fn upgrade<B: Broker>(
         .read_buffer_size(server.read_buffer_bytes)
         .max_message_size(Some(server.max_message_bytes))
         .max_frame_size(Some(server.max_message_bytes));
-    match state.limits.acquire(peer.map(|p| p.ip())) {
+    // The connection's place was taken when it was accepted (so that
+    // connections that never upgrade count too); the session keeps it.
+    let place = slot
+        .and_then(|slot| slot.take())
+        .unwrap_or_else(|| state.limits.acquire(peer.map(|p| p.ip())));
+    match place {
         Ok(permit) => {
             let ctx = SessionContext {
                 config: state.config.clone(),
@@ -258,6 +265,23 @@ fn upgrade_token(headers: &HeaderMap, mut query: HashMap<String, String>) -> Opt
 /// loop (`server::serve`).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// The connection's place under server.max_connections and
+/// max_connections_per_ip, taken by the accept loop: a WebSocket upgrade
+/// moves it into its session (or, refused, answers with the ERROR that
+/// names the limit); otherwise it goes with the connection.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<std::sync::Mutex<Option<Result<Permit, Refusal>>>>);
+
+impl ConnectionSlot {
+    pub fn new(place: Result<Permit, Refusal>) -> ConnectionSlot {
+        ConnectionSlot(Arc::new(std::sync::Mutex::new(Some(place))))
+    }
+
+    fn take(&self) -> Option<Result<Permit, Refusal>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 fn peer_addr(
 ) -> impl Filter<Extract = (Option<SocketAddr>,), Error = std::convert::Infallible> + Clone {

@@ -16,7 +16,7 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
-use crate::routes::{self, PeerAddr, State};
+use crate::routes::{self, ConnectionSlot, PeerAddr, State};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
 use warp::{hyper, Filter};
@@ -50,6 +50,11 @@ pub async fn run<B: Broker>(
     }
     let sessions = TaskTracker::new();
     tokio::spawn(probe_broker(broker.clone(), shutdown.clone()));
+    let limits = Arc::new(ConnectionLimits::new(
+        config.server.max_connections,
+        config.server.max_connections_per_ip,
+        config.server.ipv6_prefix_len,
+    ));
     let state = Arc::new(State {
         config: config.clone(),
         broker,
@@ -59,14 +64,10 @@ pub async fn run<B: Broker>(
             config.stomp.node_inbound_bytes,
             metrics.held_bytes.with_label_values(&["inbound"]),
         ),
-        metrics,
+        metrics: metrics.clone(),
         registry: Arc::new(admin::Registry::default()),
         auth,
-        limits: Arc::new(ConnectionLimits::new(
-            config.server.max_connections,
-            config.server.max_connections_per_ip,
-            config.server.ipv6_prefix_len,
-        )),
+        limits: limits.clone(),
     });
     let tls = match crate::tls::server_config(&config.server.tls) {
         Ok(tls) => tls,
@@ -88,7 +89,11 @@ pub async fn run<B: Broker>(
         listener,
         tls.map(TlsAcceptor::from),
         routes,
-        config.server.header_read_timeout,
+        Accepting {
+            header_read_timeout: config.server.header_read_timeout,
+            limits,
+            metrics,
+        },
         shutdown.clone(),
     )
     .await;
@@ -132,6 +137,19 @@ impl AcceptFailures {
     }
 }
 
+/// Connections over a connection limit still served at once, so that a
+/// WebSocket client reads the ERROR naming the limit (and `/healthz`
+/// answers); past them, a connection over the limit is closed unread.
+const REFUSING_AT_ONCE: usize = 64;
+
+/// What the accept loop needs besides the routes.
+struct Accepting {
+    header_read_timeout: std::time::Duration,
+    /// Every accepted connection takes its place here, upgraded or not.
+    limits: Arc<ConnectionLimits>,
+    metrics: Arc<Metrics>,
+}
+
 /// Longest a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -143,7 +161,7 @@ async fn serve<F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     routes: F,
-    header_read_timeout: std::time::Duration,
+    accepting: Accepting,
     shutdown: CancellationToken,
 ) where
     F: Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
@@ -154,6 +172,8 @@ async fn serve<F>(
     F::Future: Send,
 {
     let mut failures = AcceptFailures::default();
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING_AT_ONCE));
+    let header_read_timeout = accepting.header_read_timeout;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -177,8 +197,29 @@ async fn serve<F>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
         }
+        // Its place under the connection limits, from now on: a client
+        // that opens connections and never sends a request counts as much
+        // as one whose connections are WebSockets.
+        let place = accepting.limits.acquire(Some(peer.ip()));
+        let refusing_turn = match &place {
+            Ok(_) => None,
+            Err(refusal) => match refusing.clone().try_acquire_owned() {
+                Ok(turn) => Some(turn),
+                Err(_) => {
+                    accepting
+                        .metrics
+                        .refusals
+                        .with_label_values(&[refusal.key()])
+                        .inc();
+                    tracing::debug!(%peer, limit = refusal.key(), "connection closed unread");
+                    continue;
+                }
+            },
+        };
+        let slot = ConnectionSlot::new(place);
         let (tls, routes) = (tls.clone(), routes.clone());
         tokio::spawn(async move {
+            let _refusing_turn = refusing_turn;
             let io = match tls {
                 None => Either::Left(tcp),
                 Some(acceptor) => {
@@ -195,6 +236,7 @@ async fn serve<F>(
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(PeerAddr(peer));
+                    request.extensions_mut().insert(slot.clone());
                     let mut service = service.clone();
                     tower_service::Service::call(&mut service, request)
                 },

@@ -685,6 +685,43 @@ async fn connections_that_send_no_request_are_closed() {
     gw.stop().await;
 }
 
+/// Connections that have not upgraded (yet) count toward
+/// server.max_connections_per_ip: with five held open without a request,
+/// a WebSocket from the same address is refused with the ERROR naming the
+/// limit, `/healthz` still answers, and once they are gone it connects.
+#[tokio::test]
+async fn connections_not_yet_upgraded_count_toward_the_per_address_limit() {
+    let gw = Gateway::start_with(|c| c.server.max_connections_per_ip = 5).await;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let mut refused = Client::open(&gw).await;
+    let error = refused.recv().await;
+    assert_eq!(error.get("message"), Some("too many connections"));
+    assert!(body_text(&error).contains("server.max_connections_per_ip (5)"));
+    assert_eq!(refusals(&gw, "server.max_connections_per_ip").await, 1.0);
+    let health = reqwest::get(gw.http_url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    drop(silent);
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let mut client = Client::open(&gw).await;
+        client
+            .send_frame(&Frame::new("CONNECT").header("accept-version", "1.2"))
+            .await;
+        if client.recv().await.command == "CONNECTED" {
+            client.disconnect().await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the places were never given back"
+        );
+    }
+    gw.stop().await;
+}
+
 /// One WebSocket message packed with frames that each want a receipt:
 /// the session holds at most stomp.max_unconfirmed of them at a time
 /// (the rest wait, undecoded, in the message it read), and every receipt
