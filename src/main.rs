@@ -74,6 +74,10 @@ fn main() -> Result<(), Fatal> {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
         )
+        // A log line that cannot be written is dropped: by default the
+        // subscriber reports it on stderr, and with stderr gone too that
+        // report panicked (exit status 101 on SIGTERM).
+        .log_internal_errors(false)
         .init();
     let config = Config::load(cli.config.as_deref())?;
     let open_files = raise_open_file_limit();

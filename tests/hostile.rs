@@ -1117,3 +1117,59 @@ async fn clients_holding_unfinished_frames_are_held_to_a_node_budget() {
     gw.stop().await;
 }
 
+/// With nobody reading its log any more (the pipe to its stdout and
+/// stderr closed, every log write failing), the gateway still stops on
+/// SIGTERM and on SIGINT (Ctrl-C): it cancels before it logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_stop_the_gateway_when_its_log_pipe_is_gone() {
+    use std::io::BufRead;
+    for signal in ["-TERM", "-INT"] {
+        let node_id = unique("pipe");
+        let mut child = common::stompgate_command(
+            &[
+                ("STOMPGATE__SERVER__LISTEN", "127.0.0.1:0"),
+                ("STOMPGATE__SERVER__NODE_ID", node_id.as_str()),
+                ("STOMPGATE__AMQP__URL", common::AMQP_URL),
+            ],
+            &[],
+        )
+        .spawn()
+        .expect("run the stompgate binary");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("a log line before the log ends")
+                .unwrap();
+            if let Some(rest) = line.split("listening on ws://").nth(1) {
+                break rest.split("/ws").next().unwrap().to_owned();
+            }
+        };
+        // Nobody reads the log from now on.
+        drop(lines);
+        drop(child.stderr.take());
+        // A session that fails logs a line, which now cannot be written.
+        let url = format!("ws://{addr}/ws");
+        let mut client = Client::open_url(&url, &[]).await;
+        client.send_raw(b"BOGUS\n\n\0").await;
+        client.expect_error().await;
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let exited = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kill {signal}: the gateway did not stop with its log pipe gone");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(exited.success(), "kill {signal}: {exited}");
+    }
+}
+
