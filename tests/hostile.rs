@@ -1173,3 +1173,217 @@ async fn signals_stop_the_gateway_when_its_log_pipe_is_gone() {
     }
 }
 
+/// Runs `attack` against a spawned gateway; prints and returns its peak
+/// resident memory (MiB) and the CPU time the gateway spent. The README's
+/// table "What one client can cost a node" comes from these lines, run
+/// with `STOMPGATE_BIN` set to the build before a change and without.
+async fn cost_of(
+    node: &Node,
+    attack_name: &str,
+    attack: impl std::future::Future<Output = ()>,
+) -> u64 {
+    let (baseline, _) = node.memory_kib();
+    let cpu_before = node.cpu_time();
+    let ((), peak) = sampling_memory(node, attack).await;
+    let cpu = node.cpu_time() - cpu_before;
+    println!(
+        "cost of {attack_name}: peak {} MiB (baseline {} MiB), CPU {:.1} s",
+        peak / 1024,
+        baseline / 1024,
+        cpu.as_secs_f64()
+    );
+    peak / 1024
+}
+
+/// The report's first finding, scaled: 48 clients at once send CONNECT
+/// with a wrong passcode, again and again, for 5 s (each check ~19 MiB of
+/// argon2; before, one ran per connection without a bound or a throttle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_at_once_cost_little() {
+    let dir = std::env::temp_dir().join(unique("logins"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("users.toml");
+    let hash = stompgate::auth::hash_password("the right one").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nmode = \"users\"\n[[auth.users]]\nname = \"editor\"\n\
+             password_hash = \"{hash}\"\nsubscribe = [\"#\"]\npublish = [\"#\"]\n"
+        ),
+    )
+    .unwrap();
+    let node = Node::spawn_with_args(&[], &["--config", config.to_str().unwrap()]);
+    let url = node.gateway.ws_url();
+    let peak = cost_of(&node, "48 clients failing logins for 5 s", async {
+        let until = Instant::now() + Duration::from_secs(5);
+        let tasks: Vec<_> = (0..48)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let mut client = Client::open_url(&url, &[]).await;
+                        client
+                            .send_frame(
+                                &Frame::new("CONNECT")
+                                    .header("accept-version", "1.2")
+                                    .header("login", "editor")
+                                    .header("passcode", "a wrong one"),
+                            )
+                            .await;
+                        let refused = client.next(Duration::from_secs(60)).await;
+                        assert!(
+                            matches!(&refused, Ok(frame) if frame.command == "ERROR"),
+                            "{refused:?}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await;
+    assert!(peak < 512, "the node peaked at {peak} MiB");
+    let health = reqwest::get(node.gateway.http_url("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The report's second finding, scaled: 4 clients each BEGIN, then send
+/// SENDs with 62 headers of 8000 bytes (and no body) that they never
+/// commit, reconnecting when refused, until 400 MB have gone on the wire
+/// (before, headers did not count toward stomp.max_transaction_bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_of_large_headers_cost_little() {
+    let node = Node::spawn(&[]);
+    let url = node.gateway.ws_url();
+    let peak = cost_of(&node, "transactions of 400 MB of headers", async {
+        let value = "h".repeat(8000);
+        let headers: String = (0..62).map(|i| format!("h{i}:{value}\n")).collect();
+        let send = format!("SEND\ndestination:/topic/x\ntransaction:t\n{headers}\n\0");
+        let per_client = 400_000_000 / 4;
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, send) = (url.clone(), send.clone());
+                tokio::spawn(async move {
+                    let mut sent = 0;
+                    while sent < per_client {
+                        let mut client = Client::open_url(&url, &[]).await;
+                        client
+                            .send_frame(&Frame::new("CONNECT").header("accept-version", "1.2"))
+                            .await;
+                        assert_eq!(client.recv().await.command, "CONNECTED");
+                        client.send_raw(b"BEGIN\ntransaction:t\n\n\0").await;
+                        while sent < per_client {
+                            use futures_util::SinkExt;
+                            if client.ws.send(Message::text(send.clone())).await.is_err() {
+                                break;
+                            }
+                            sent += send.len();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await;
+    assert!(peak < 512, "the node peaked at {peak} MiB");
+}
+
+/// The report's third finding, scaled: a SEND whose 128 KB header section
+/// comes one byte per WebSocket message (before, the decoder parsed the
+/// head from its first byte again on every arrival: quadratic, and other
+/// clients waited seconds for their messages). Meanwhile another client's
+/// SEND reaches its subscriber without delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_section_one_byte_at_a_time_costs_little_cpu() {
+    use futures_util::SinkExt;
+    let node = Node::spawn(&[]);
+    let (mut client, _) = Client::connect(&node.gateway).await;
+    let value = "v".repeat(8000);
+    let headers: String = (0..16).map(|i| format!("h{i}:{value}\n")).collect();
+    let frame = format!("SEND\ndestination:/topic/x\nreceipt:r\n{headers}\n\0");
+    let dest = format!("/topic/{}", unique("other"));
+    let (mut reader, mut writer) = reader_and_writer(&node.gateway, &dest, "auto").await;
+    let trickling = std::sync::atomic::AtomicBool::new(true);
+    let cpu_before = node.cpu_time();
+    let attack = async {
+        for (i, byte) in frame.bytes().enumerate() {
+            let text = String::from_utf8(vec![byte]).unwrap();
+            client.ws.feed(Message::text(text)).await.unwrap();
+            if i % 1024 == 0 {
+                client.ws.flush().await.unwrap();
+            }
+        }
+        client.ws.flush().await.unwrap();
+        let receipt = client.next(Duration::from_secs(600)).await.unwrap();
+        assert_eq!(receipt.command, "RECEIPT", "{receipt:?}");
+        trickling.store(false, std::sync::atomic::Ordering::Relaxed);
+    };
+    let others = async {
+        let mut slowest = Duration::ZERO;
+        while trickling.load(std::sync::atomic::Ordering::Relaxed) {
+            let sent = Instant::now();
+            writer.send(&dest, "meanwhile").await;
+            assert_eq!(body_text(&reader.recv_message().await), "meanwhile");
+            slowest = slowest.max(sent.elapsed());
+        }
+        slowest
+    };
+    let mut slowest = Duration::ZERO;
+    cost_of(
+        &node,
+        "a 128 KB header section one byte per message",
+        async {
+            slowest = tokio::join!(attack, others).1;
+        },
+    )
+    .await;
+    let cpu = node.cpu_time() - cpu_before;
+    println!("another client's SEND → MESSAGE meanwhile: at most {slowest:?}");
+    assert!(cpu < Duration::from_secs(30), "the gateway spent {cpu:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "another client waited {slowest:?}"
+    );
+}
+
+/// The report's sixth finding: 20 clients each begin a WebSocket message
+/// of 7 MB (a fragment without FIN) and never finish it; the node is
+/// measured while they send (up to 5 s) and for a second after
+/// (stomp.frame_timeout ends them later; before, they stayed open past
+/// 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_websocket_messages_cost_little() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+    let node = Node::spawn(&[]);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(Client::connect(&node.gateway).await.0);
+    }
+    let peak = cost_of(&node, "20 unfinished WebSocket messages of 7 MB", async {
+        let sends = clients.iter_mut().map(|client| async move {
+            let fragment =
+                WsFrame::message(vec![b'x'; 7_000_000], OpCode::Data(Data::Binary), false);
+            // The node may stop reading: the send may not finish.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                futures_util::SinkExt::send(&mut client.ws, Message::Frame(fragment)),
+            )
+            .await;
+        });
+        futures_util::future::join_all(sends).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    })
+    .await;
+    // stomp.node_inbound_bytes (64 MiB) counts what arrived; buffers grow
+    // by doubling (before: 285 MiB).
+    assert!(peak < 200, "the node peaked at {peak} MiB");
+}

@@ -686,8 +686,13 @@ pub struct Node {
 }
 
 /// `stompgate` with a clean environment plus `envs`, output piped.
+///
+/// `STOMPGATE_BIN=PATH` runs another build instead (an older one, to
+/// measure an attack's cost before a change with the same test).
 pub fn stompgate_command(envs: &[(&str, &str)], args: &[&str]) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stompgate"));
+    let binary = std::env::var("STOMPGATE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_stompgate").to_owned());
+    let mut command = std::process::Command::new(binary);
     command
         .args(args)
         .env_clear()
@@ -704,6 +709,11 @@ impl Node {
     /// Starts the binary on 127.0.0.1:0 with a unique node id (plus
     /// `envs`), and waits for its "listening" log line.
     pub fn spawn(envs: &[(&str, &str)]) -> Node {
+        Node::spawn_with_args(envs, &[])
+    }
+
+    /// [`Node::spawn`] with command-line arguments (`--config PATH`).
+    pub fn spawn_with_args(envs: &[(&str, &str)], args: &[&str]) -> Node {
         let node_id = unique("n");
         let mut all = vec![
             ("STOMPGATE__SERVER__LISTEN", "127.0.0.1:0"),
@@ -711,7 +721,7 @@ impl Node {
             ("STOMPGATE__AMQP__URL", AMQP_URL),
         ];
         all.extend_from_slice(envs);
-        let mut child = stompgate_command(&all, &[])
+        let mut child = stompgate_command(&all, args)
             .spawn()
             .expect("run the stompgate binary");
         let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
