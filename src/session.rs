@@ -498,23 +498,18 @@ fn shutting_down() -> Frame {
 
 /// Logs why a session ended (once) and counts the ends that matter.
 fn record_end(end: &End, metrics: &Metrics) {
-    match end {
-        End::HeartbeatTimeout => metrics.heartbeat_timeouts.inc(),
-        End::SlowClient => {
-            metrics.slow_client_disconnects.inc();
-            metrics
-                .refusals
-                .with_label_values(&["stomp.slow_client_timeout"])
-                .inc();
+    let slow = match end {
+        End::HeartbeatTimeout => {
+            metrics.heartbeat_timeouts.inc();
+            None
         }
-        End::CutOff => {
-            metrics.slow_client_disconnects.inc();
-            metrics
-                .refusals
-                .with_label_values(&["amqp.node_prefetch_bytes"])
-                .inc();
-        }
-        _ => {}
+        End::SlowClient => Some("stomp.slow_client_timeout"),
+        End::CutOff => Some("amqp.node_prefetch_bytes"),
+        _ => None,
+    };
+    if let Some(limit) = slow {
+        metrics.slow_client_disconnects.inc();
+        metrics.refusals.with_label_values(&[limit]).inc();
     }
     match end {
         End::PeerGone | End::Disconnected => debug!(?end, "session closed"),

@@ -1387,3 +1387,48 @@ async fn unfinished_websocket_messages_cost_little() {
     // by doubling (before: 285 MiB).
     assert!(peak < 200, "the node peaked at {peak} MiB");
 }
+
+/// A session with client acks that meets large messages lowers its
+/// channel's prefetch so that a window of them fits in half of
+/// amqp.prefetch_bytes (RabbitMQ takes the channel-wide `global`
+/// prefetch at once): three 3 MB messages, at most one out at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_lower_the_prefetch_of_acked_sessions() {
+    let gw = Gateway::start().await;
+    let dest = format!("/topic/{}", unique("window"));
+    let (mut reader, mut writer) = reader_and_writer(&gw, &dest, "client-individual").await;
+    let body = "w".repeat(3_000_000);
+    for _ in 0..3 {
+        writer.send(&dest, &body).await;
+    }
+    for _ in 0..3 {
+        let message = reader.recv_message().await;
+        assert_eq!(message.body.len(), body.len());
+        let ack = message.get("ack").unwrap().to_owned();
+        reader
+            .send_frame(&Frame::new("ACK").header("id", ack.as_str()))
+            .await;
+    }
+    // Had RabbitMQ refused the channel-wide prefetch, the channel would
+    // have failed, and with it the messages out: all three came, and the
+    // broker shows the window.
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_channels",
+            "global_prefetch_count",
+            "consumer_count",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (scripts/test needs it): {e}"));
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "1"]),
+        "no consuming channel with a global prefetch of 1:\n{listed}"
+    );
+    reader.disconnect().await;
+    writer.disconnect().await;
+    gw.stop().await;
+}

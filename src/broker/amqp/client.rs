@@ -1704,9 +1704,6 @@ async fn read_loop(
     inner.end(why, by_gateway);
 }
 
-/// Writes what sessions queued, in batches, and heart-beats when idle.
-/// A write stuck on a broker that stopped reading is abandoned as soon as
-/// the connection is declared dead.
 /// While the node is over its budget of deliveries, ends the channels
 /// that hold more than the floor and whose session has stalled: in a
 /// window of acked deliveries nothing new comes that would overrun them.
@@ -1743,6 +1740,9 @@ async fn sweep_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// Writes what sessions queued, in batches, and heart-beats when idle.
+/// A write stuck on a broker that stopped reading is abandoned as soon as
+/// the connection is declared dead.
 async fn write_loop(
     inner: Arc<Inner>,
     mut writer: impl AsyncWrite + Unpin,
