@@ -16,7 +16,8 @@
 //! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
 //!   metrics, admin and the demo page.
 //! - [`websocket`]: the upgrade itself, with the socket's buffers sized.
-//! - [`session`]: one task per WebSocket, from CONNECT to close.
+//! - [`session`]: one task per WebSocket, from CONNECT to close; its
+//!   `socket` room is the client's WebSocket as the session sees it.
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
 //! - [`broker`]: the port the session talks to, its RabbitMQ adapter

@@ -144,10 +144,10 @@ const NODE_LIMIT: &str = "amqp.node_prefetch_bytes";
 /// session has written them to its client). RabbitMQ's prefetch counts
 /// messages only, and a consumer without acks has none: this is the bound
 /// in bytes. A delivery that would take a channel whose session has not
-/// come for deliveries for [`STALLED`] past `per_channel` (or any channel
+/// come for deliveries for `STALLED` past `per_channel` (or any channel
 /// past twice that), unless the channel holds nothing (one message of
 /// any size may pass), or one past `floor` while the node is over its
-/// `node` budget and the session has not come for [`NODE_STALLED`], overruns
+/// `node` budget and the session has not come for `NODE_STALLED`, overruns
 /// the channel: its deliveries are dropped, the broker is told to close
 /// it, and its calls and takes fail with [`BrokerError::Overrun`].
 #[derive(Clone)]
