@@ -668,7 +668,12 @@ impl Inner {
         };
         let mut state = lock(&channel.state);
         let mut fault = None;
-        let idle = state.last_take.map_or(Duration::MAX, |t| t.elapsed());
+        // How long the session has not come for deliveries: read for a
+        // content header only, not for every body frame.
+        let idle = match &frame {
+            Frame::Header(..) => state.last_take.map_or(Duration::MAX, |t| t.elapsed()),
+            _ => Duration::ZERO,
+        };
         match frame {
             Frame::Header(_, header) => match state.incoming.as_mut() {
                 Some(incoming) => {
