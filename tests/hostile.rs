@@ -621,15 +621,7 @@ async fn a_panic_ends_only_its_own_session() {
     );
     common::settle(&gw, "stompgate_connections_open", 2.0).await;
     mgmt.wait_no_queues(&queue, common::WAIT).await;
-    let sessions: serde_json::Value = reqwest::Client::new()
-        .get(gw.http_url("/admin/sessions"))
-        .bearer_auth("t")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions = common::admin_sessions(&gw, "t").await;
     assert!(!sessions.to_string().contains(&session), "{sessions}");
     writer.send_confirmed(&dest, "still here").await;
     assert_eq!(body_text(&reader.recv_message().await), "still here");

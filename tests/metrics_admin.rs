@@ -163,15 +163,7 @@ async fn admin_sessions_behind_a_bearer_token() {
     writer.send_confirmed(&format!("/pub/{key}"), "hello").await;
     reader.recv_message().await;
 
-    let list: serde_json::Value = http
-        .get(&url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = common::admin_sessions(&gw, token).await;
     let sessions = list.as_array().expect("a JSON list");
     assert_eq!(sessions.len(), 2, "{list}");
     let find = |id: &str| {

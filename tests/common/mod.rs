@@ -524,6 +524,19 @@ pub async fn scrape(gw: &Gateway) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+/// `GET /admin/sessions` with `token`, as JSON.
+pub async fn admin_sessions(gw: &Gateway, token: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(gw.http_url("/admin/sessions"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET /admin/sessions")
+        .json()
+        .await
+        .expect("/admin/sessions answers JSON")
+}
+
 /// Polls /metrics until `name` reads `want` (gauges settle as sessions
 /// end: a session's connection slot is free once it is off
 /// `stompgate_connections_open`).
