@@ -46,12 +46,17 @@ pub fn unique(prefix: &str) -> String {
 /// The test process's resident memory in KiB (in-process gateways run
 /// in it).
 pub fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
+    status_kib("self", "VmRSS:")
+}
+
+/// A field in KiB of `/proc/<process>/status` (VmRSS:, VmHWM:).
+fn status_kib(process: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{process}/status: {e}"))
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+        .unwrap_or_else(|| panic!("no {field} in /proc/{process}/status"))
 }
 
 /// An AMQP content header written by hand, as a publisher that does not
@@ -775,16 +780,8 @@ impl Node {
     /// The process's resident memory now and its peak so far, in KiB
     /// (VmRSS and VmHWM).
     pub fn memory_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the gateway process is running");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        let pid = self.child.id().to_string();
+        (status_kib(&pid, "VmRSS:"), status_kib(&pid, "VmHWM:"))
     }
 
     /// CPU time the process has used so far (user and system).
