@@ -400,6 +400,50 @@ async fn an_unfinished_websocket_message_is_cut_off() {
     gw.stop().await;
 }
 
+/// A frame's stomp.frame_timeout runs from its first byte, also when the
+/// WebSocket message carrying it took a while to arrive: finishing the
+/// message does not start the frame's clock again. (Before, a client held
+/// back mid-message got its frame timeout at twice the setting; CI saw it
+/// in `clients_holding_unfinished_frames_are_held_to_a_node_budget`.)
+#[tokio::test]
+async fn a_frame_finishing_its_websocket_message_keeps_its_clock() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+    let frame_timeout = Duration::from_secs(4);
+    let gw = Gateway::start_with(|c| c.stomp.frame_timeout = frame_timeout).await;
+    let (mut client, _) = Client::connect(&gw).await;
+    let started = Instant::now();
+    let first = WsFrame::message(
+        b"SEND\ndestination:/topic/x\n\nbegun".to_vec(),
+        OpCode::Data(Data::Binary),
+        false,
+    );
+    futures_util::SinkExt::send(&mut client.ws, Message::Frame(first))
+        .await
+        .unwrap();
+    // The client is slow, which is what this is about: the message ends
+    // most of a frame_timeout later, with the frame still unfinished.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let last = WsFrame::message(
+        b" and not ended".to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    );
+    futures_util::SinkExt::send(&mut client.ws, Message::Frame(last))
+        .await
+        .unwrap();
+    let error = client.expect_error().await;
+    assert_eq!(error.get("message"), Some("frame timeout"));
+    // From the frame's first byte: 4 s (the clock started again would
+    // make it 7.5 s).
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "frame timeout after {took:?}"
+    );
+    gw.stop().await;
+}
+
 /// A transaction holds checked SENDs only, counted with their headers: a
 /// SEND to a destination it may not use is refused when it comes, not at
 /// COMMIT (so nothing of the transaction is published), and headers

@@ -66,6 +66,10 @@ pub(super) struct Connection {
     /// (a message in fragments, or one trickling in): it counts toward
     /// `stomp.frame_timeout` like a partial frame.
     message_since: Option<Instant>,
+    /// `message_since` of the last whole message: a frame left unfinished
+    /// by it began no earlier, and its clock does not start again when
+    /// the message ends.
+    last_message_since: Option<Instant>,
     /// Bytes written since the last flush (still in the socket's buffer).
     pub(super) unflushed: usize,
     /// What the client sent that is not a whole frame yet (in the decoder
@@ -137,6 +141,7 @@ impl Connection {
             last_read: Instant::now(),
             partial_since: None,
             message_since: None,
+            last_message_since: None,
             unflushed: 0,
             inbound: inbound.account(),
             message_start: 0,
@@ -163,7 +168,7 @@ impl Connection {
         if polled.is_ready() {
             // More may wait in tungstenite's buffer, with no wake to come.
             self.read_ready.ready.store(true, Ordering::Release);
-            self.message_since = None;
+            self.last_message_since = self.message_since.take();
             self.message_start = self.ws.get_ref().bytes_read();
         } else if self.ws.get_ref().bytes_read() != before {
             // Bytes came, but no whole message: the loop is told, so that
@@ -290,7 +295,8 @@ impl Connection {
         if self.decoder.buffered() == 0 {
             self.partial_since = None;
         } else if self.partial_since.is_none() {
-            self.partial_since = Some(Instant::now());
+            let began = self.last_message_since.unwrap_or_else(Instant::now);
+            self.partial_since = Some(began);
         }
     }
 
