@@ -30,15 +30,27 @@ async fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// One column of `queue`'s line in `rabbitmqctl list_queues`.
+/// One column of `queue`'s line in `rabbitmqctl list_queues`. A queue
+/// process too busy to answer in time (one pushing a backlog, on a loaded
+/// machine) is left out of a listing, so it is asked again, up to WAIT.
 async fn queue_count(queue: &str, column: &str) -> u64 {
-    rabbitmqctl(&["list_queues", "name", column])
-        .await
-        .lines()
-        .filter_map(|line| line.split_once('\t'))
-        .find(|(name, _)| *name == queue)
-        .map(|(_, n)| n.trim().parse().expect("a count"))
-        .unwrap_or_else(|| panic!("queue {queue} not listed"))
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = rabbitmqctl(&["list_queues", "name", column])
+            .await
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .find(|(name, _)| *name == queue)
+            .map(|(_, n)| n.trim().parse().expect("a count"));
+        if let Some(count) = listed {
+            return count;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue {queue} not listed for {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether each consumer of `queue` takes deliveries with acks.
