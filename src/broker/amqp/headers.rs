@@ -1,0 +1,150 @@
+//! STOMP headers ↔ AMQP properties and headers: what a SEND's headers
+//! become on the message, what a delivery's properties become on its
+//! MESSAGE, and which headers never cross (STOMP's own, the gateway's).
+
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use super::client::STAMP_HEADER;
+use crate::broker::BrokerError;
+
+/// STOMP headers that describe the frame itself, not the message, or
+/// that only a server sets: they never travel to RabbitMQ from a SEND,
+/// nor reach a MESSAGE from an AMQP publisher's headers. A client cannot
+/// forge a receipt, a message id, a subscription or who it is.
+pub(super) const STOMP_OWN_HEADERS: [&str; 11] = [
+    STAMP_HEADER,
+    "destination",
+    "receipt",
+    "receipt-id",
+    "transaction",
+    "content-length",
+    "message-id",
+    "subscription",
+    "ack",
+    "redelivered",
+    "user-id",
+];
+
+/// Headers the gateway sets (`stompgate-gap`…) start with this: whoever
+/// else sets them, a SEND's client or an AMQP publisher, is ignored.
+pub(super) const GATEWAY_PREFIX: &str = "stompgate-";
+
+/// Whether a header is STOMP's or the gateway's own, never a message's.
+pub(super) fn reserved(name: &str) -> bool {
+    STOMP_OWN_HEADERS.contains(&name) || name.starts_with(GATEWAY_PREFIX)
+}
+
+pub(super) fn short(s: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(s)
+        .map_err(|_| BrokerError::Invalid(format!("{s:?} is longer than AMQP's 255 bytes")))
+}
+
+/// SEND headers → AMQP properties (the contract's six, plus
+/// `amqp-message-id`) and application headers for the rest. The first of
+/// repeated headers wins, as in STOMP.
+pub(super) fn properties_from_stomp(
+    headers: &[(String, String)],
+) -> Result<(BasicProperties, FieldTable), BrokerError> {
+    fn invalid(name: &str, value: &str, expected: &str) -> BrokerError {
+        BrokerError::Invalid(format!("header {name}:{value} is not {expected}"))
+    }
+    let mut properties = BasicProperties::default();
+    let mut table = FieldTable::default();
+    let mut seen: Vec<&str> = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        if reserved(name) || seen.contains(&name.as_str()) {
+            continue;
+        }
+        seen.push(name);
+        properties = match name.as_str() {
+            "content-type" => properties.with_content_type(short(value)?),
+            "persistent" => match value.as_str() {
+                "true" => properties.with_delivery_mode(2),
+                "false" => properties.with_delivery_mode(1),
+                _ => return Err(invalid(name, value, "true or false")),
+            },
+            "priority" => properties.with_priority(
+                value
+                    .parse()
+                    .map_err(|_| invalid(name, value, "a number from 0 to 255"))?,
+            ),
+            "expiration" => {
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(invalid(name, value, "a time to live in milliseconds"));
+                }
+                properties.with_expiration(short(value)?)
+            }
+            "reply-to" => properties.with_reply_to(short(value)?),
+            "correlation-id" => properties.with_correlation_id(short(value)?),
+            "amqp-message-id" => properties.with_message_id(short(value)?),
+            _ => {
+                table.insert(
+                    short(name)?,
+                    AMQPValue::LongString(LongString::from(value.as_bytes())),
+                );
+                properties
+            }
+        };
+    }
+    Ok((properties, table))
+}
+
+/// AMQP properties and headers → STOMP headers on MESSAGE, the reverse of
+/// [`properties_from_stomp`], so messages from any AMQP client read well.
+pub(super) fn stomp_headers_from(properties: &BasicProperties) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    let mut put = |name: &str, value: String| headers.push((name.to_owned(), value));
+    if let Some(v) = properties.content_type() {
+        put("content-type", v.to_string());
+    }
+    if let Some(mode) = properties.delivery_mode() {
+        put("persistent", (*mode == 2).to_string());
+    }
+    if let Some(v) = properties.priority() {
+        put("priority", v.to_string());
+    }
+    if let Some(v) = properties.expiration() {
+        put("expiration", v.to_string());
+    }
+    if let Some(v) = properties.reply_to() {
+        put("reply-to", v.to_string());
+    }
+    if let Some(v) = properties.correlation_id() {
+        put("correlation-id", v.to_string());
+    }
+    if let Some(v) = properties.message_id() {
+        put("amqp-message-id", v.to_string());
+    }
+    if let Some(table) = properties.headers() {
+        for (name, value) in table {
+            if reserved(name.as_str()) {
+                continue;
+            }
+            if let Some(text) = value_text(value) {
+                put(name.as_str(), text);
+            }
+        }
+    }
+    headers
+}
+
+/// A header value as text; nested tables and arrays have no STOMP form.
+pub(super) fn value_text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
