@@ -11,6 +11,8 @@ use common::{
 };
 use futures_util::StreamExt;
 use stompgate::stomp::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn assert_served(gw: &Gateway) {
@@ -384,20 +386,29 @@ async fn a_header_section_trickling_in_is_cut_off_on_time() {
 /// counts as a partial frame for stomp.frame_timeout.
 #[tokio::test]
 async fn an_unfinished_websocket_message_is_cut_off() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
     let gw = Gateway::start_with(|c| c.stomp.frame_timeout = Duration::from_millis(800)).await;
     let (mut client, _) = Client::connect(&gw).await;
     let started = Instant::now();
-    let fragment = WsFrame::message(vec![b'x'; 64 << 10], OpCode::Data(Data::Binary), false);
-    futures_util::SinkExt::send(&mut client.ws, Message::Frame(fragment))
-        .await
-        .unwrap();
+    send_fragment(
+        &mut client,
+        vec![b'x'; 64 << 10],
+        OpCode::Data(Data::Binary),
+        false,
+    )
+    .await;
     let error = client.expect_error().await;
     assert_eq!(error.get("message"), Some("frame timeout"));
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_served(&gw).await;
     gw.stop().await;
+}
+
+/// One WebSocket frame of a message in fragments (`fin` on the last).
+async fn send_fragment(client: &mut Client, data: Vec<u8>, opcode: OpCode, fin: bool) {
+    let fragment = WsFrame::message(data, opcode, fin);
+    futures_util::SinkExt::send(&mut client.ws, Message::Frame(fragment))
+        .await
+        .unwrap();
 }
 
 /// A frame's stomp.frame_timeout runs from its first byte, also when the
@@ -407,31 +418,17 @@ async fn an_unfinished_websocket_message_is_cut_off() {
 /// in `clients_holding_unfinished_frames_are_held_to_a_node_budget`.)
 #[tokio::test]
 async fn a_frame_finishing_its_websocket_message_keeps_its_clock() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
     let frame_timeout = Duration::from_secs(4);
     let gw = Gateway::start_with(|c| c.stomp.frame_timeout = frame_timeout).await;
     let (mut client, _) = Client::connect(&gw).await;
     let started = Instant::now();
-    let first = WsFrame::message(
-        b"SEND\ndestination:/topic/x\n\nbegun".to_vec(),
-        OpCode::Data(Data::Binary),
-        false,
-    );
-    futures_util::SinkExt::send(&mut client.ws, Message::Frame(first))
-        .await
-        .unwrap();
+    let begun = b"SEND\ndestination:/topic/x\n\nbegun".to_vec();
+    send_fragment(&mut client, begun, OpCode::Data(Data::Binary), false).await;
     // The client is slow, which is what this is about: the message ends
     // most of a frame_timeout later, with the frame still unfinished.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let last = WsFrame::message(
-        b" and not ended".to_vec(),
-        OpCode::Data(Data::Continue),
-        true,
-    );
-    futures_util::SinkExt::send(&mut client.ws, Message::Frame(last))
-        .await
-        .unwrap();
+    let rest = b" and not ended".to_vec();
+    send_fragment(&mut client, rest, OpCode::Data(Data::Continue), true).await;
     let error = client.expect_error().await;
     assert_eq!(error.get("message"), Some("frame timeout"));
     // From the frame's first byte: 4 s (the clock started again would
@@ -1397,8 +1394,6 @@ async fn a_header_section_one_byte_at_a_time_costs_little_cpu() {
 /// 60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_websocket_messages_cost_little() {
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
     let node = Node::spawn(&[]);
     let mut clients = Vec::new();
     for _ in 0..20 {
