@@ -16,14 +16,23 @@
 //! - [`routes`]: `/ws` upgrade with subprotocol and origin checks, health,
 //!   metrics, admin and the demo page.
 //! - [`websocket`]: the upgrade itself, with the socket's buffers sized.
-//! - [`session`]: one task per WebSocket, from CONNECT to close; its
-//!   `socket` room is the client's WebSocket as the session sees it.
+//! - [`session`]: one task per WebSocket, from CONNECT to close. `mod.rs`
+//!   holds the loop, each event handed to a room: `connect` (CONNECT,
+//!   authentication, heart-beat terms), `socket` (the client's WebSocket),
+//!   `subscriptions`, `deliveries` (queue → MESSAGE frames, the move to
+//!   acks), `acks`, `publishes` (SENDs, receipts, transactions),
+//!   `recovery` (broker loss) and `deadlines` (the loop's timers as one).
 //! - [`stomp`]: frame codec and client commands.
 //! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
-//! - [`broker`]: the port the session talks to, its RabbitMQ adapter
-//!   (`broker::amqp`), and under that the AMQP client (`broker::amqp::client`,
-//!   with its hand-read frames in `broker::amqp::wire`), which runs on the
-//!   sessions' own runtime.
+//! - [`budget`]: the node-wide byte budgets that bound many clients together;
+//!   [`limits`]: connection limits and the publish rate.
+//! - [`broker`]: the port the session talks to, and its RabbitMQ adapter
+//!   (`broker::amqp`: the connection pool; `session`, one session's queue
+//!   and channel; `headers`, STOMP headers ↔ AMQP properties). Under it the
+//!   AMQP client, `broker::amqp::client`, which runs on the sessions' own
+//!   runtime: `handshake`, `frames` (with the hand-read hot frames in
+//!   `wire`), `reader` and `writer` (a connection's two tasks), `handle`
+//!   (a session's channel) and `holding` (delivery bytes held).
 //! - [`metrics`] and [`admin`]: what operators see (`/metrics`, `/admin/sessions`).
 
 pub mod admin;
