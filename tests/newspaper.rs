@@ -207,8 +207,8 @@ async fn escaped_headers_and_korean_text() {
         message.get("content-type"),
         Some("text/plain;charset=utf-8")
     );
-    // Nothing else: the stamp the gateway puts on each publish (to match
-    // returns) stays behind, and no header comes twice.
+    // Nothing else but who sent it: the stamp the gateway puts on each
+    // publish (to match returns) stays behind, and no header comes twice.
     let mut names: Vec<&str> = message.headers.iter().map(|(n, _)| n.as_str()).collect();
     names.sort_unstable();
     assert_eq!(
@@ -218,6 +218,7 @@ async fn escaped_headers_and_korean_text() {
             "content-type",
             "destination",
             "message-id",
+            "stompgate-sender-session",
             "subscription",
             "x-note"
         ]
@@ -339,8 +340,8 @@ async fn golden_server_frames() {
     assert_eq!(
         message.as_str(),
         format!(
-            "MESSAGE\nsubscription:0\nmessage-id:0\ndestination:/topic/{key}\nx-a:1\\c2\n\
-             content-length:2\n\nhi\0"
+            "MESSAGE\nsubscription:0\nmessage-id:0\ndestination:/topic/{key}\n\
+             stompgate-sender-session:{session}\nx-a:1\\c2\ncontent-length:2\n\nhi\0"
         )
     );
     client.disconnect().await;

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{basic, confirm, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
+use amq_protocol::uri::AMQPUri;
 
 use super::{Broker, BrokerError, Readiness};
 use crate::budget::Budget;
@@ -54,6 +55,9 @@ const NODE_FLOOR: usize = 1 << 20;
 pub struct AmqpBroker {
     /// Broker URLs, in config order.
     urls: Arc<[String]>,
+    /// The users those URLs log in as: messages published as one of them
+    /// came from a gateway (see [`headers::stomp_headers_from`]).
+    trusted: Arc<[String]>,
     /// The broker that gave the last good connection: tried first.
     current: Arc<AtomicUsize>,
     /// Open connections, shared by sessions.
@@ -215,6 +219,14 @@ impl AmqpBroker {
         metrics: Arc<Metrics>,
     ) -> Result<AmqpBroker, BrokerError> {
         let urls = config.all_urls().map(str::to_owned).collect::<Vec<_>>();
+        let mut trusted = Vec::new();
+        for url in &urls {
+            let uri: AMQPUri = url.parse().map_err(BrokerError::Invalid)?;
+            let user = uri.authority.userinfo.username;
+            if !trusted.contains(&user) {
+                trusted.push(user);
+            }
+        }
         let tls = crate::tls::amqp_client_config(&config.tls).map_err(BrokerError::Invalid)?;
         let mut options = Options::new(&format!("stompgate {node_id}"));
         options.heartbeat = u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX);
@@ -230,6 +242,7 @@ impl AmqpBroker {
         });
         Ok(AmqpBroker {
             urls: urls.into(),
+            trusted: trusted.into(),
             current: Arc::new(AtomicUsize::new(0)),
             held: Arc::new(tokio::sync::Mutex::new(Vec::new())),
             sessions_per_connection: config.sessions_per_connection,
@@ -464,6 +477,7 @@ impl Broker for AmqpBroker {
             session_id: session_id.to_owned(),
             queue,
             call_timeout: self.options.call_timeout,
+            trusted: self.trusted.clone(),
             _load: load,
         })
     }

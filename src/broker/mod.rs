@@ -9,6 +9,7 @@
 pub mod amqp;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -38,6 +39,16 @@ pub struct Publish {
     pub route: Route,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// Who sent it, set by the gateway (never by the client): goes with
+    /// the message as `stompgate-sender-session` and `stompgate-sender-user`.
+    pub sender: Option<Arc<Sender>>,
+}
+
+/// The STOMP session a message came from, and its authenticated user.
+#[derive(Debug)]
+pub struct Sender {
+    pub session: String,
+    pub user: Option<String>,
 }
 
 /// The broker's confirm of one publish.

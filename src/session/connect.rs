@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 use crate::admin::SessionEntry;
-use crate::broker::{Broker, BrokerSession};
+use crate::broker::{Broker, BrokerSession, Sender};
 use crate::config::StompConfig;
 use crate::limits::PublishRate;
 use crate::metrics::Metrics;
@@ -147,6 +147,10 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         broker.queue_name(),
     ));
     conn.cut = Some(Box::pin(broker.cut_off()));
+    let sender = Arc::new(Sender {
+        session: id.clone(),
+        user: identity.user.clone(),
+    });
     let mut session = Session {
         id,
         version,
@@ -155,6 +159,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         inbound: ctx.inbound.clone(),
         _registration: ctx.sessions.register(entry.clone()),
         entry,
+        sender,
         grants: identity.grants,
         expires: identity.expires.map(|at| {
             let left = at

@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 use crate::admin::{self, Registration, SessionEntry};
 use crate::auth::{Auth, Grants};
-use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed};
+use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Sender};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::destination::{DestinationError, Use};
@@ -211,6 +211,8 @@ struct Session<B: Broker> {
     entry: Arc<SessionEntry>,
     /// Removes the entry when the session is dropped.
     _registration: Registration,
+    /// Who this session's SENDs are from, on every message it publishes.
+    sender: Arc<Sender>,
     /// What the authenticated user may subscribe to and publish to.
     grants: Arc<Grants>,
     /// When the credentials expire (a token's `exp`): the session ends then.

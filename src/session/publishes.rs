@@ -325,6 +325,7 @@ impl<B: Broker> Session<B> {
             route: destination.route,
             headers: send.headers,
             body: send.body,
+            sender: Some(self.sender.clone()),
         })
     }
 
@@ -494,6 +495,7 @@ mod tests {
             },
             headers: vec![("h".into(), "v".into())],
             body: body.as_bytes().to_vec().into(),
+            sender: None,
         }
     }
 

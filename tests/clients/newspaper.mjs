@@ -76,6 +76,11 @@ for (const name of ['user1', 'user2']) {
   if (JSON.stringify(bodies) !== JSON.stringify(want)) fail(`${name} got ${JSON.stringify(bodies)}`);
   const dest = inbox[name][0].headers.destination;
   if (dest !== `/topic/${no01}`) fail(`${name} MESSAGE destination ${dest}`);
+  // Who sent it, set by the gateway: the publisher's session.
+  const senders = inbox[name].map((m) => m.headers['stompgate-sender-session']);
+  if (senders.some((s) => s !== publisher.session)) {
+    fail(`${name} senders ${JSON.stringify(senders)}, not ${publisher.session}`);
+  }
 }
 if (inbox.user3.length !== 1 || inbox.user3[0].body !== 'no02 only') {
   fail(`user3 got ${JSON.stringify(inbox.user3.map((m) => m.body))}`);

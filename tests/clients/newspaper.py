@@ -28,7 +28,11 @@ class Reader(stomp.ConnectionListener):
         self.headers = []
         self.receipts = {}
         self.errors = []
+        self.session = None
         self.changed = threading.Condition()
+
+    def on_connected(self, frame):
+        self.session = frame.headers.get("session")
 
     def on_message(self, frame):
         with self.changed:
@@ -92,6 +96,10 @@ for name in ("user1", "user2"):
         fail(f"{name} got {listener.bodies}")
     if listener.headers[0]["destination"] != f"/topic/{no01}":
         fail(f"{name} destination {listener.headers[0]['destination']}")
+    # Who sent it, set by the gateway: the publisher's session.
+    senders = [h.get("stompgate-sender-session") for h in listener.headers]
+    if pub_listener.session is None or senders != [pub_listener.session] * len(senders):
+        fail(f"{name} senders {senders}, not {pub_listener.session}")
 _, user3 = readers["user3"]
 user3.wait("user3 message", lambda: len(user3.bodies) >= 1)
 if user3.bodies != ["no02 only"]:

@@ -6,7 +6,7 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use super::client::STAMP_HEADER;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Sender};
 
 /// STOMP headers that describe the frame itself, not the message, or
 /// that only a server sets: they never travel to RabbitMQ from a SEND,
@@ -35,6 +35,11 @@ pub(super) fn reserved(name: &str) -> bool {
     STOMP_OWN_HEADERS.contains(&name) || name.starts_with(GATEWAY_PREFIX)
 }
 
+/// Who sent a message from a STOMP SEND: set by the gateway from the
+/// session, on the message (AMQP headers) and on its MESSAGE frames.
+pub const SENDER_SESSION: &str = "stompgate-sender-session";
+pub const SENDER_USER: &str = "stompgate-sender-user";
+
 pub(super) fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s)
         .map_err(|_| BrokerError::Invalid(format!("{s:?} is longer than AMQP's 255 bytes")))
@@ -42,9 +47,13 @@ pub(super) fn short(s: &str) -> Result<ShortString, BrokerError> {
 
 /// SEND headers → AMQP properties (the contract's six, plus
 /// `amqp-message-id`) and application headers for the rest. The first of
-/// repeated headers wins, as in STOMP.
+/// repeated headers wins, as in STOMP. With a `sender`, the message
+/// carries who sent it, and `user_id` names the gateway's AMQP user
+/// (`amqp_user`), which RabbitMQ checks: a reader can tell the gateway
+/// set the sender headers (see [`stomp_headers_from`]).
 pub(super) fn properties_from_stomp(
     headers: &[(String, String)],
+    sender: Option<(&Sender, &str)>,
 ) -> Result<(BasicProperties, FieldTable), BrokerError> {
     fn invalid(name: &str, value: &str, expected: &str) -> BrokerError {
         BrokerError::Invalid(format!("header {name}:{value} is not {expected}"))
@@ -87,12 +96,27 @@ pub(super) fn properties_from_stomp(
             }
         };
     }
+    if let Some((sender, amqp_user)) = sender {
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+        table.insert(short(SENDER_SESSION)?, text(&sender.session));
+        if let Some(user) = &sender.user {
+            table.insert(short(SENDER_USER)?, text(user));
+        }
+        properties = properties.with_user_id(short(amqp_user)?);
+    }
     Ok((properties, table))
 }
 
 /// AMQP properties and headers → STOMP headers on MESSAGE, the reverse of
 /// [`properties_from_stomp`], so messages from any AMQP client read well.
-pub(super) fn stomp_headers_from(properties: &BasicProperties) -> Vec<(String, String)> {
+/// The sender headers pass only on a message whose `user_id` (checked by
+/// RabbitMQ against the publishing connection) is one of the gateway's
+/// AMQP users, `trusted`: another AMQP client cannot forge them unless it
+/// logs in as the gateway does.
+pub(super) fn stomp_headers_from(
+    properties: &BasicProperties,
+    trusted: &[String],
+) -> Vec<(String, String)> {
     let mut headers = Vec::new();
     let mut put = |name: &str, value: String| headers.push((name.to_owned(), value));
     if let Some(v) = properties.content_type() {
@@ -117,8 +141,14 @@ pub(super) fn stomp_headers_from(properties: &BasicProperties) -> Vec<(String, S
         put("amqp-message-id", v.to_string());
     }
     if let Some(table) = properties.headers() {
+        let from_gateway = properties
+            .user_id()
+            .as_ref()
+            .is_some_and(|user| trusted.iter().any(|t| t == user.as_str()));
         for (name, value) in table {
-            if reserved(name.as_str()) {
+            let name_ = name.as_str();
+            let sender = name_ == SENDER_SESSION || name_ == SENDER_USER;
+            if reserved(name_) && !(sender && from_gateway) {
                 continue;
             }
             if let Some(text) = value_text(value) {

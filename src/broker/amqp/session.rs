@@ -67,6 +67,9 @@ pub struct AmqpSession {
     pub(super) queue: String,
     /// How long a publish may wait for room in the connection's outbox.
     pub(super) call_timeout: Duration,
+    /// The gateway's AMQP users: a delivery published as one of them
+    /// keeps its sender headers.
+    pub(super) trusted: Arc<[String]>,
     /// Counts this session on its connection until dropped.
     pub(super) _load: Arc<()>,
 }
@@ -124,7 +127,9 @@ impl BrokerSession for AmqpSession {
     }
 
     async fn publish(&mut self, message: &Publish) -> Result<AmqpConfirm, BrokerError> {
-        let (properties, headers) = properties_from_stomp(&message.headers)?;
+        let amqp_user = self.channel.connection().user();
+        let sender = message.sender.as_deref().map(|s| (s, amqp_user));
+        let (properties, headers) = properties_from_stomp(&message.headers, sender)?;
         short(&message.route.exchange)?;
         short(&message.route.key)?;
         // Sessions wait for room before they read the next SEND; this
@@ -170,7 +175,7 @@ impl BrokerSession for AmqpSession {
             }
         }
         let delivery = self.taken.pop_front()?;
-        Some(delivery.map(|d| delivery_of(d, !self.acks)))
+        Some(delivery.map(|d| delivery_of(d, !self.acks, &self.trusted)))
     }
 
     fn acks(&self) -> bool {
@@ -212,13 +217,13 @@ impl BrokerSession for AmqpSession {
         // are in its queue now.
         let mut early = Vec::new();
         for delivery in self.taken.drain(..) {
-            early.push(delivery_of(delivery?, true));
+            early.push(delivery_of(delivery?, true, &self.trusted));
         }
         early.extend(
             self.channel
                 .drain(&fast)
                 .into_iter()
-                .map(|d| delivery_of(d, true)),
+                .map(|d| delivery_of(d, true, &self.trusted)),
         );
         self.acks = true;
         self.behind = false;
@@ -230,7 +235,7 @@ impl BrokerSession for AmqpSession {
         })
         .await;
         for delivery in self.taken.drain(..) {
-            early.push(delivery_of(delivery?, false));
+            early.push(delivery_of(delivery?, false, &self.trusted));
         }
         early.sort_by_key(|d| d.tag);
         Ok(early)
@@ -339,11 +344,11 @@ impl AmqpSession {
     }
 }
 
-pub(super) fn delivery_of(message: Message, settled: bool) -> Delivery {
+pub(super) fn delivery_of(message: Message, settled: bool, trusted: &[String]) -> Delivery {
     Delivery {
         tag: message.delivery_tag,
         settled,
-        headers: stomp_headers_from(&message.properties),
+        headers: stomp_headers_from(&message.properties, trusted),
         exchange: message.exchange.into(),
         routing_key: message.routing_key.into(),
         redelivered: message.redelivered,

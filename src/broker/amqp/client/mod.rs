@@ -169,6 +169,9 @@ struct Inner {
     /// The broker's reason while it blocks publishing (`connection.blocked`).
     blocked: Mutex<Option<String>>,
     frame_max: usize,
+    /// The user the connection logged in as: RabbitMQ checks a publish's
+    /// `user_id` against it.
+    user: String,
     call_timeout: Duration,
     observer: Arc<dyn Observer>,
     holding: Option<Holding>,
@@ -329,6 +332,7 @@ impl Connection {
             open: AtomicBool::new(true),
             blocked: Mutex::new(None),
             frame_max: tuned.frame_max as usize,
+            user: uri.authority.userinfo.username.clone(),
             call_timeout: options.call_timeout,
             observer: options.observer.clone(),
             holding: options.holding.clone(),
@@ -349,6 +353,11 @@ impl Connection {
 
     pub fn is_open(&self) -> bool {
         self.inner.open.load(Ordering::Relaxed)
+    }
+
+    /// The user the connection logged in as.
+    pub fn user(&self) -> &str {
+        &self.inner.user
     }
 
     /// The broker's reason while it blocks publishing on this connection.
