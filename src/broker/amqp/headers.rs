@@ -178,3 +178,66 @@ pub(super) fn value_text(value: &AMQPValue) -> Option<String> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(user: Option<&str>) -> Sender {
+        Sender {
+            session: "s-1".into(),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_gateway_sets_the_sender_and_a_client_cannot() {
+        let client = vec![
+            (SENDER_SESSION.to_owned(), "forged".to_owned()),
+            (SENDER_USER.to_owned(), "root".to_owned()),
+            ("x-kept".to_owned(), "yes".to_owned()),
+        ];
+        let (properties, table) =
+            properties_from_stomp(&client, Some((&sender(Some("ann")), "gw"))).unwrap();
+        assert_eq!(
+            properties.user_id().as_ref().map(|u| u.as_str()),
+            Some("gw")
+        );
+        let read = stomp_headers_from(&properties.with_headers(table), &["gw".into()]);
+        assert_eq!(header(&read, SENDER_SESSION), ["s-1"]);
+        assert_eq!(header(&read, SENDER_USER), ["ann"]);
+        assert_eq!(header(&read, "x-kept"), ["yes"]);
+        // Without an authenticated user, none is claimed.
+        let (properties, table) =
+            properties_from_stomp(&client, Some((&sender(None), "gw"))).unwrap();
+        let read = stomp_headers_from(&properties.with_headers(table), &["gw".into()]);
+        assert_eq!(header(&read, SENDER_USER), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn sender_headers_pass_only_from_the_gateways_amqp_users() {
+        let (properties, table) =
+            properties_from_stomp(&[], Some((&sender(Some("ann")), "gw"))).unwrap();
+        let message = properties.with_headers(table.clone());
+        // Another gateway user (amqp.urls) is trusted too.
+        let read = stomp_headers_from(&message, &["other".into(), "gw".into()]);
+        assert_eq!(header(&read, SENDER_SESSION), ["s-1"]);
+        // Published as another user, or with no user_id at all.
+        for message in [
+            message.clone().with_user_id(short("app").unwrap()),
+            BasicProperties::default().with_headers(table),
+        ] {
+            let read = stomp_headers_from(&message, &["gw".into()]);
+            assert_eq!(header(&read, SENDER_SESSION), Vec::<&str>::new());
+            assert_eq!(header(&read, SENDER_USER), Vec::<&str>::new());
+        }
+    }
+}
