@@ -53,6 +53,14 @@ try {
   await reader1.fill('#line', 'no02 marker');
   await reader1.click('#publish');
   await reader3.waitForSelector('#messages li[data-channel="no02"] >> text=no02 marker', { timeout: 15000 });
+  // Each line names who sent it: reader 3 wrote the no01 line, reader 1
+  // the no02 marker.
+  const senders = await Promise.all([reader1, reader2, reader3].map((p) =>
+    p.$$eval('#messages li[data-channel] .sender', (items) => items.map((i) => i.dataset.sender))));
+  const wantSenders = [[sessions[2]], [sessions[2]], [sessions[0]]];
+  if (JSON.stringify(senders) !== JSON.stringify(wantSenders)) {
+    fail(`senders ${JSON.stringify(senders)}, not ${JSON.stringify(wantSenders)}`);
+  }
   const counts = await Promise.all([reader1, reader2, reader3].map((p) =>
     p.$$eval('#messages li[data-channel]', (items) => items.map((i) => i.dataset.channel))));
   const want = [['no01'], ['no01'], ['no02']];
