@@ -61,11 +61,12 @@ fn forged_send(dest: &str) -> Frame {
 #[tokio::test]
 async fn messages_carry_the_sending_session_which_a_client_cannot_forge() {
     let gw = Gateway::start().await;
-    let (dest, mut reader, mut writer, session) = reader_and_writer(&gw, connect_frame()).await;
+    // auth.mode = "none": a login is only a claim, so no user is passed on.
+    let claimed = connect_frame().header("login", "root");
+    let (dest, mut reader, mut writer, session) = reader_and_writer(&gw, claimed).await;
     writer.send_frame(&forged_send(&dest)).await;
     let message = reader.recv_message().await;
     assert_eq!(all(&message, SESSION), [session.as_str()]);
-    // auth.mode = "none": nobody is authenticated, so no user is claimed.
     assert_eq!(all(&message, USER), Vec::<&str>::new());
     reader.disconnect().await;
     writer.disconnect().await;

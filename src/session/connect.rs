@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 use crate::admin::SessionEntry;
+use crate::auth::AuthMode;
 use crate::broker::{Broker, BrokerSession, Sender};
 use crate::config::StompConfig;
 use crate::limits::PublishRate;
@@ -147,9 +148,12 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         broker.queue_name(),
     ));
     conn.cut = Some(Box::pin(broker.cut_off()));
+    // With auth.mode = "none" CONNECT's login is only a claim: it names
+    // the session's user, but is never passed on as who sent a message.
+    let authenticated = ctx.auth.mode() != AuthMode::None;
     let sender = Arc::new(Sender {
         session: id.clone(),
-        user: identity.user.clone(),
+        user: identity.user.clone().filter(|_| authenticated),
     });
     let mut session = Session {
         id,
