@@ -113,6 +113,9 @@ pub struct AmqpConfig {
     /// Exchanges `/exchange/<name>/…` may name; "*" allows any.
     pub allowed_exchanges: Vec<String>,
     pub exchange: String,
+    /// The direct exchange behind addressed messages (`/user/…`,
+    /// `/session/…`), declared by the gateway.
+    pub direct_exchange: String,
     pub prefetch: u16,
     /// Bytes of deliveries one session, and all sessions, hold at once.
     pub prefetch_bytes: usize,
@@ -249,6 +252,13 @@ impl Config {
         }
         if self.amqp.exchange.is_empty() || self.amqp.exchange.len() > 255 {
             return Err(invalid("amqp.exchange", "must be 1 to 255 bytes"));
+        }
+        let direct = &self.amqp.direct_exchange;
+        if direct.is_empty() || direct.len() > 255 || direct.starts_with("amq.") {
+            return Err(invalid(
+                "amqp.direct_exchange",
+                "must be 1 to 255 bytes, and not an amq.* exchange (the gateway declares it)",
+            ));
         }
         if self.amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));

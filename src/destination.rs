@@ -40,7 +40,8 @@ impl fmt::Display for Use {
 pub enum DestinationError {
     #[error(
         "unsupported destination {0:?}: use /topic/<key>, /sub/<key> (SUBSCRIBE), \
-         /pub/<key> (SEND) or /exchange/<name>/<key>"
+         /pub/<key> (SEND), /exchange/<name>/<key>, /user/queue/<name> (SUBSCRIBE), \
+         /user/<user>/queue/<name> or /session/<id>/queue/<name> (SEND)"
     )]
     Unsupported(String),
     #[error("{usage} cannot use {dest:?}: {hint}")]
@@ -57,6 +58,11 @@ pub enum DestinationError {
     TooLong(String),
     #[error("SEND to {0:?}: a routing key cannot contain the wildcards '*' or '#'")]
     WildcardInSend(String),
+    #[error(
+        "{0:?}: a user, session id or queue name in an addressed destination is 1 to 100 \
+         bytes without '.', '*', '#' or '/'"
+    )]
+    AddressWord(String),
 }
 
 impl Destination {
@@ -111,6 +117,91 @@ impl Destination {
             },
         })
     }
+}
+
+/// An addressed SEND (the seed's `receiver`): to every session of a user
+/// subscribed to `/user/queue/<name>`, or to one session's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addressed {
+    User { user: String, name: String },
+    Session { id: String, name: String },
+}
+
+impl Addressed {
+    /// `/user/<user>/queue/<name>` or `/session/<id>/queue/<name>`; None
+    /// for any other destination.
+    pub fn parse_send(dest: &str) -> Option<Result<Addressed, DestinationError>> {
+        let (user, rest) = if let Some(rest) = dest.strip_prefix("/user/") {
+            (true, rest)
+        } else {
+            (false, dest.strip_prefix("/session/")?)
+        };
+        // `/user/queue/<name>` is what a client subscribes to, not where
+        // one sends.
+        if user && rest.starts_with("queue/") {
+            return Some(Err(DestinationError::WrongDirection {
+                usage: Use::Send,
+                dest: dest.to_owned(),
+                hint: "/user/queue/<name> is for SUBSCRIBE; send to /user/<user>/queue/<name>",
+            }));
+        }
+        let parsed = rest
+            .split_once("/queue/")
+            .ok_or_else(|| DestinationError::Unsupported(dest.to_owned()))
+            .and_then(|(who, name)| {
+                let who = address_word(dest, who)?.to_owned();
+                let name = address_word(dest, name)?.to_owned();
+                Ok(match user {
+                    true => Addressed::User { user: who, name },
+                    false => Addressed::Session { id: who, name },
+                })
+            });
+        Some(parsed)
+    }
+
+    /// Where it goes on the direct exchange.
+    pub fn route(&self, direct_exchange: &str) -> Route {
+        match self {
+            Addressed::User { user, name } => user_route(direct_exchange, user, name),
+            Addressed::Session { id, name } => session_route(direct_exchange, id, name),
+        }
+    }
+}
+
+/// The `<name>` of a SUBSCRIBE to `/user/queue/<name>`; None for any other
+/// destination.
+pub fn user_queue(dest: &str) -> Option<Result<&str, DestinationError>> {
+    let name = dest.strip_prefix("/user/queue/")?;
+    Some(address_word(dest, name))
+}
+
+/// The binding that brings a user's messages for `name`.
+pub fn user_route(direct_exchange: &str, user: &str, name: &str) -> Route {
+    Route {
+        exchange: direct_exchange.to_owned(),
+        key: format!("user.{user}.{name}"),
+    }
+}
+
+/// The binding that brings one session's messages for `name`.
+pub fn session_route(direct_exchange: &str, id: &str, name: &str) -> Route {
+    Route {
+        exchange: direct_exchange.to_owned(),
+        key: format!("session.{id}.{name}"),
+    }
+}
+
+/// A user, session id or queue name in an addressed destination: one
+/// routing-key word (no `.`, `*` or `#`), so that no two addresses share
+/// a key, and short enough for the key to fit AMQP's 255 bytes.
+pub fn address_word<'a>(dest: &str, word: &'a str) -> Result<&'a str, DestinationError> {
+    if word.is_empty() || word.contains(['.', '*', '#', '/']) {
+        return Err(DestinationError::AddressWord(dest.to_owned()));
+    }
+    if word.len() > 100 {
+        return Err(DestinationError::TooLong(dest.to_owned()));
+    }
+    Ok(word)
 }
 
 /// Whether `routing_key` matches binding key `pattern` under AMQP topic
@@ -217,5 +308,63 @@ mod tests {
             Destination::parse("/queue/x", Use::Send, "amq.topic"),
             Err(DestinationError::Unsupported(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod addressed_tests {
+    use super::*;
+
+    #[test]
+    fn addressed_sends_map_to_one_key_each() {
+        let parse = |d: &str| Addressed::parse_send(d).unwrap();
+        let ann = parse("/user/ann/queue/inbox").unwrap();
+        assert_eq!(
+            ann.route("stompgate.direct"),
+            Route {
+                exchange: "stompgate.direct".into(),
+                key: "user.ann.inbox".into()
+            }
+        );
+        let session = parse("/session/0a1b2c3d4e5f/queue/inbox").unwrap();
+        assert_eq!(
+            session.route("d").key,
+            "session.0a1b2c3d4e5f.inbox".to_owned()
+        );
+        // A dot would let "a.b"+"c" and "a"+"b.c" share a key.
+        for bad in [
+            "/user/a.b/queue/c",
+            "/user/a/queue/b.c",
+            "/user/*/queue/x",
+            "/user/a/queue/#",
+            "/user//queue/x",
+            "/session/x/queue/",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(DestinationError::AddressWord(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse("/user/queue/inbox"),
+            Err(DestinationError::WrongDirection { .. })
+        ));
+        assert!(matches!(
+            parse("/user/ann/topic/x"),
+            Err(DestinationError::Unsupported(_))
+        ));
+        assert!(Addressed::parse_send("/topic/x").is_none());
+    }
+
+    #[test]
+    fn user_queues_are_subscribed_by_name() {
+        assert_eq!(user_queue("/user/queue/inbox"), Some(Ok("inbox")));
+        assert!(matches!(
+            user_queue("/user/queue/a.b"),
+            Some(Err(DestinationError::AddressWord(_)))
+        ));
+        assert_eq!(user_queue("/topic/inbox"), None);
+        assert_eq!(user_route("d", "ann", "inbox").key, "user.ann.inbox");
+        assert_eq!(session_route("d", "s1", "inbox").key, "session.s1.inbox");
     }
 }

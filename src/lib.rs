@@ -23,7 +23,8 @@
 //!   acks), `acks`, `publishes` (SENDs, receipts, transactions),
 //!   `recovery` (broker loss) and `deadlines` (the loop's timers as one).
 //! - [`stomp`]: frame codec and client commands.
-//! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching.
+//! - [`destination`]: `/topic/no01` → exchange and routing key; topic matching;
+//!   addressed destinations (`/user/…`, `/session/…`).
 //! - [`budget`]: the node-wide byte budgets that bound many clients together;
 //!   [`limits`]: connection limits and the publish rate.
 //! - [`broker`]: the port the session talks to, and its RabbitMQ adapter

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{basic, confirm, queue, AMQPClass};
+use amq_protocol::protocol::{basic, confirm, exchange, queue, AMQPClass};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use amq_protocol::uri::AMQPUri;
 
@@ -71,6 +71,8 @@ pub struct AmqpBroker {
     queue_max_length: u32,
     queue_max_bytes: u64,
     queue_overflow: Overflow,
+    /// `amqp.direct_exchange`, declared by every session.
+    direct_exchange: String,
     connect_timeout: Duration,
     /// What every connection is opened with; its observer is per connection.
     options: Options,
@@ -265,6 +267,7 @@ impl AmqpBroker {
             queue_max_length: config.queue_max_length,
             queue_max_bytes: config.queue_max_bytes,
             queue_overflow: config.queue_overflow,
+            direct_exchange: config.direct_exchange.clone(),
             connect_timeout: config.connect_timeout,
             options,
             metrics,
@@ -427,6 +430,21 @@ impl Broker for AmqpBroker {
             let select = confirm::Select { nowait: false };
             channel
                 .call(AMQPClass::Confirm(confirm::AMQPMethod::Select(select)))
+                .await?;
+            // Addressed messages (`/user/…`, `/session/…`) go through it;
+            // declared by each session, as a broker may have lost it.
+            let direct = exchange::Declare {
+                exchange: short(&self.direct_exchange)?,
+                kind: "direct".into(),
+                passive: false,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            };
+            channel
+                .call(AMQPClass::Exchange(exchange::AMQPMethod::Declare(direct)))
                 .await?;
             // A client that stops reading cannot make its queue eat the
             // broker's memory.

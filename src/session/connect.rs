@@ -164,6 +164,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         _registration: ctx.sessions.register(entry.clone()),
         entry,
         sender,
+        user: identity.user.clone(),
         grants: identity.grants,
         expires: identity.expires.map(|at| {
             let left = at

@@ -86,10 +86,14 @@ impl<B: Broker> Session<B> {
             let mut frame = FrameWriter::new("MESSAGE", self.conn.escapes, size_hint);
             frame.header("subscription", &subscription.id);
             frame.header_number("message-id", number);
-            frame.header_parts(
-                "destination",
-                &[&subscription.destination.prefix, &delivery.routing_key],
-            );
+            if subscription.exact {
+                frame.header("destination", &subscription.destination.prefix);
+            } else {
+                frame.header_parts(
+                    "destination",
+                    &[&subscription.destination.prefix, &delivery.routing_key],
+                );
+            }
             if subscription.ack.needs_ack() && !delivery.settled {
                 frame.header_number("ack", number);
                 subscription.unacked.push_back(number);

@@ -213,6 +213,9 @@ struct Session<B: Broker> {
     _registration: Registration,
     /// Who this session's SENDs are from, on every message it publishes.
     sender: Arc<Sender>,
+    /// The session's user, for `/user/` destinations: the authenticated
+    /// one, or with auth.mode = "none" CONNECT's login.
+    user: Option<String>,
     /// What the authenticated user may subscribe to and publish to.
     grants: Arc<Grants>,
     /// When the credentials expire (a token's `exp`): the session ends then.

@@ -18,7 +18,7 @@ use tracing::warn;
 use crate::broker::{Broker, BrokerError, BrokerSession, Confirmed, Publish};
 use crate::budget::{Account, Budget};
 use crate::config::StompConfig;
-use crate::destination::{Destination, Use};
+use crate::destination::{Addressed, Destination, Use};
 use crate::stomp::command;
 use crate::stomp::frame::Frame;
 
@@ -315,14 +315,32 @@ impl<B: Broker> Session<B> {
     /// A SEND as a message to publish, once its destination is valid and
     /// granted.
     pub(super) fn prepare(&self, send: command::Send) -> Result<Publish, SessionError> {
-        let destination =
-            Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
-        self.check_exchange(&destination)?;
-        if !self.grants.may_publish(&destination.route) {
-            return Err(denied_by_grants(Use::Send, &send.destination));
-        }
+        let route = match Addressed::parse_send(&send.destination) {
+            Some(addressed) => {
+                let addressed = addressed?;
+                let route = addressed.route(&self.config.amqp.direct_exchange);
+                // A user may always write to itself; to anyone else, and
+                // to a session, as its publish grants on the direct
+                // exchange say (auth.mode = "none" grants everything).
+                let to_self = matches!(&addressed, Addressed::User { user, .. }
+                    if self.user.as_deref() == Some(user.as_str()));
+                if !to_self && !self.grants.may_publish(&route) {
+                    return Err(denied_by_grants(Use::Send, &send.destination));
+                }
+                route
+            }
+            None => {
+                let destination =
+                    Destination::parse(&send.destination, Use::Send, &self.config.amqp.exchange)?;
+                self.check_exchange(&destination)?;
+                if !self.grants.may_publish(&destination.route) {
+                    return Err(denied_by_grants(Use::Send, &send.destination));
+                }
+                destination.route
+            }
+        };
         Ok(Publish {
-            route: destination.route,
+            route,
             headers: send.headers,
             body: send.body,
             sender: Some(self.sender.clone()),

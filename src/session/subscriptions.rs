@@ -8,7 +8,9 @@ use std::collections::{HashMap, VecDeque};
 use tracing::debug;
 
 use crate::broker::{Broker, BrokerSession};
-use crate::destination::{topic_matches, Destination, Route, Use};
+use crate::destination::{
+    address_word, session_route, topic_matches, user_queue, user_route, Destination, Route, Use,
+};
 use crate::stomp::command::AckMode;
 
 use super::{denied_by_grants, Session, SessionError};
@@ -16,6 +18,12 @@ use super::{denied_by_grants, Session, SessionError};
 pub(super) struct Subscription {
     pub(super) id: String,
     pub(super) destination: Destination,
+    /// A second binding that brings it messages: a `/user/queue/<name>`
+    /// subscription gets its user's as well as its session's.
+    pub(super) also: Option<Route>,
+    /// MESSAGEs name `destination.prefix` alone (`/user/queue/<name>`),
+    /// not prefix and routing key.
+    pub(super) exact: bool,
     pub(super) ack: AckMode,
     /// Message numbers sent on this subscription and not yet acked, oldest
     /// first (a `client`-mode ACK covers every earlier one).
@@ -29,16 +37,49 @@ impl Subscription {
         Subscription {
             id,
             destination,
+            also: None,
+            exact: false,
             ack,
             unacked: VecDeque::new(),
             gap: false,
         }
     }
 
+    /// A subscription to `/user/queue/<name>`: its session's messages for
+    /// `name` and, with a user, that user's.
+    pub(super) fn addressed(
+        id: String,
+        shown_as: &str,
+        session: Route,
+        user: Option<Route>,
+        ack: AckMode,
+    ) -> Subscription {
+        let destination = Destination {
+            prefix: shown_as.to_owned(),
+            route: session,
+        };
+        Subscription {
+            also: user,
+            exact: true,
+            ..Subscription::new(id, destination, ack)
+        }
+    }
+
+    /// Every binding it needs.
+    pub(super) fn routes(&self) -> impl Iterator<Item = &Route> {
+        std::iter::once(&self.destination.route).chain(&self.also)
+    }
+
     /// Whether a delivery from `exchange` with `routing_key` is for it.
     pub(super) fn matches(&self, exchange: &str, routing_key: &str) -> bool {
         let route = &self.destination.route;
-        route.exchange == exchange && topic_matches(&route.key, routing_key)
+        if route.exchange == exchange && topic_matches(&route.key, routing_key) {
+            return true;
+        }
+        // Addressed keys have no wildcards: equal or not.
+        self.also
+            .as_ref()
+            .is_some_and(|r| r.exchange == exchange && r.key == routing_key)
     }
 }
 
@@ -79,32 +120,32 @@ impl Subscriptions {
     }
 
     pub(super) fn add(&mut self, subscription: Subscription) {
-        let route = subscription.destination.route.clone();
-        *self.bindings.entry(route).or_insert(0) += 1;
+        for route in subscription.routes() {
+            *self.bindings.entry(route.clone()).or_insert(0) += 1;
+        }
         self.list.push(subscription);
     }
 
-    /// Takes subscription `id` out, with whether it was the last to use
-    /// its binding (which should go then).
-    pub(super) fn remove(&mut self, id: &str) -> Result<(Subscription, bool), SessionError> {
+    /// Takes subscription `id` out, with the bindings it was the last to
+    /// use (which should go then).
+    pub(super) fn remove(&mut self, id: &str) -> Result<(Subscription, Vec<Route>), SessionError> {
         let Some(index) = self.list.iter().position(|s| s.id == id) else {
             return Err(SessionError::Protocol(format!(
                 "no subscription with id {id:?}"
             )));
         };
         let subscription = self.list.remove(index);
-        let route = &subscription.destination.route;
-        let last_user = match self.bindings.get_mut(route) {
-            Some(users) if *users > 1 => {
-                *users -= 1;
-                false
+        let mut unused = Vec::new();
+        for route in subscription.routes() {
+            match self.bindings.get_mut(route) {
+                Some(users) if *users > 1 => *users -= 1,
+                _ => {
+                    self.bindings.remove(route);
+                    unused.push(route.clone());
+                }
             }
-            _ => {
-                self.bindings.remove(route);
-                true
-            }
-        };
-        Ok((subscription, last_user))
+        }
+        Ok((subscription, unused))
     }
 
     /// The bindings the queue needs, one per route.
@@ -146,12 +187,38 @@ impl<B: Broker> Session<B> {
         self.subscriptions
             .check_new(&id, self.config.stomp.max_subscriptions)?;
         let destination_name = destination;
-        let destination =
-            Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
-        self.check_exchange(&destination)?;
-        if !self.grants.may_subscribe(&destination.route) {
-            return Err(denied_by_grants(Use::Subscribe, destination_name));
-        }
+        let subscription = match user_queue(destination_name) {
+            // The session's own queue for addressed messages: no grant
+            // needed, nothing of anyone else's.
+            Some(name) => {
+                let name = name?;
+                let direct = &self.config.amqp.direct_exchange;
+                let user = match self.user.as_deref() {
+                    Some(user) => Some(user_route(
+                        direct,
+                        address_word(destination_name, user).map_err(|_| {
+                            SessionError::Protocol(format!(
+                                "user {user:?} cannot be addressed: a name with '.', '*', '#' \
+                                 or '/' (or over 100 bytes) has no /user/ destinations"
+                            ))
+                        })?,
+                        name,
+                    )),
+                    None => None,
+                };
+                let session = session_route(direct, &self.id, name);
+                Subscription::addressed(id, destination_name, session, user, ack)
+            }
+            None => {
+                let destination =
+                    Destination::parse(destination, Use::Subscribe, &self.config.amqp.exchange)?;
+                self.check_exchange(&destination)?;
+                if !self.grants.may_subscribe(&destination.route) {
+                    return Err(denied_by_grants(Use::Subscribe, destination_name));
+                }
+                Subscription::new(id, destination, ack)
+            }
+        };
         if ack.needs_ack() {
             // What came without acks was meant for the subscriptions
             // made before this one, and goes to them first.
@@ -160,23 +227,27 @@ impl<B: Broker> Session<B> {
                 return Ok(());
             }
         }
-        // While reconnecting, the binding is made when the queue is back.
-        if self.subscriptions.needs_binding(&destination.route) {
+        // While reconnecting, the bindings are made when the queue is back.
+        let new: Vec<Route> = subscription
+            .routes()
+            .filter(|r| self.subscriptions.needs_binding(r))
+            .cloned()
+            .collect();
+        for route in &new {
             if let Some(broker) = self.broker.as_mut() {
-                let result = broker.bind(&destination.route).await;
+                let result = broker.bind(route).await;
                 self.check(result).await?;
             }
         }
-        debug!(id, destination = ?destination.route, "subscribed");
+        debug!(id = subscription.id, destination = ?subscription.destination.route, "subscribed");
         self.metrics.subscriptions.inc();
-        self.entry.subscribed(&id, destination_name);
-        self.subscriptions
-            .add(Subscription::new(id, destination, ack));
+        self.entry.subscribed(&subscription.id, destination_name);
+        self.subscriptions.add(subscription);
         Ok(())
     }
 
     pub(super) async fn unsubscribe(&mut self, id: &str) -> Result<(), SessionError> {
-        let (subscription, last_user) = self.subscriptions.remove(id)?;
+        let (subscription, unused) = self.subscriptions.remove(id)?;
         self.metrics.subscriptions.dec();
         self.entry.unsubscribed(id);
         let settled = self
@@ -185,9 +256,9 @@ impl<B: Broker> Session<B> {
         for action in settled {
             self.tell_broker(action).await?;
         }
-        if last_user {
+        for route in &unused {
             if let Some(broker) = self.broker.as_mut() {
-                let result = broker.unbind(&subscription.destination.route).await;
+                let result = broker.unbind(route).await;
                 self.check(result).await?;
             }
         }
@@ -227,12 +298,12 @@ mod tests {
         assert_eq!(matching(&subs, "news.sport"), ["a", "b", "c"]);
         assert_eq!(matching(&subs, "news.sport.today"), ["b"]);
         // The binding stays while another subscription uses it.
-        let (gone, last) = subs.remove("a").unwrap();
+        let (gone, unused) = subs.remove("a").unwrap();
         assert_eq!(gone.id, "a");
-        assert!(!last);
+        assert!(unused.is_empty());
         assert!(!subs.needs_binding(&route));
-        let (_, last) = subs.remove("c").unwrap();
-        assert!(last);
+        let (_, unused) = subs.remove("c").unwrap();
+        assert_eq!(unused, vec![route.clone()]);
         assert!(subs.needs_binding(&route));
         assert_eq!(subs.routes().count(), 1);
     }
@@ -256,6 +327,41 @@ mod tests {
         ));
         // Another exchange's delivery with the same key is not for it.
         assert!(!subs.get(0).matches("other", "x"));
+    }
+
+    #[test]
+    fn an_inbox_is_bound_for_its_session_and_its_user() {
+        let mut subs = Subscriptions::default();
+        let session = session_route("d", "s1", "inbox");
+        let user = user_route("d", "ann", "inbox");
+        let inbox = Subscription::addressed(
+            "in".into(),
+            "/user/queue/inbox",
+            session.clone(),
+            Some(user.clone()),
+            AckMode::Auto,
+        );
+        assert!(inbox.exact);
+        subs.add(inbox);
+        // Ann's second inbox subscription shares the user binding.
+        subs.add(Subscription::addressed(
+            "in2".into(),
+            "/user/queue/inbox",
+            session_route("d", "s1", "inbox"),
+            Some(user.clone()),
+            AckMode::Auto,
+        ));
+        assert_eq!(subs.routes().count(), 2);
+        let inbox = subs.get(0);
+        assert!(inbox.matches("d", "session.s1.inbox"));
+        assert!(inbox.matches("d", "user.ann.inbox"));
+        assert!(!inbox.matches("d", "user.bob.inbox"));
+        assert!(!inbox.matches("amq.topic", "user.ann.inbox"));
+        let (_, unused) = subs.remove("in").unwrap();
+        assert!(unused.is_empty());
+        let (_, mut unused) = subs.remove("in2").unwrap();
+        unused.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(unused, vec![session, user]);
     }
 
     #[test]

@@ -85,6 +85,21 @@ for (const name of ['user1', 'user2']) {
 if (inbox.user3.length !== 1 || inbox.user3[0].body !== 'no02 only') {
   fail(`user3 got ${JSON.stringify(inbox.user3.map((m) => m.body))}`);
 }
+// Addressed to one session (the seed's receiver): only user1's inbox.
+const direct = [];
+done = receipt(user1.client, 'sub-inbox');
+user1.client.subscribe('/user/queue/inbox', (m) => direct.push(m), { id: 'inbox', receipt: 'sub-inbox' });
+await done;
+done = receipt(publisher.client, 'r-direct');
+publisher.client.publish({
+  destination: `/session/${user1.session}/queue/inbox`, body: 'for user1 only', headers: { receipt: 'r-direct' },
+});
+const directRouted = (await done).headers.routed;
+if (directRouted !== 'true') fail(`RECEIPT for the addressed message says routed:${directRouted}`);
+await until(() => direct.length >= 1);
+if (direct[0].body !== 'for user1 only' || direct[0].headers.destination !== '/user/queue/inbox') {
+  fail(`user1's inbox got ${direct[0].body} on ${direct[0].headers.destination}`);
+}
 await Promise.all([user1, user2, user3, publisher].map((u) => u.client.deactivate()));
 console.log(JSON.stringify({
   client: 'stompjs',

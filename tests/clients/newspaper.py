@@ -105,6 +105,24 @@ user3.wait("user3 message", lambda: len(user3.bodies) >= 1)
 if user3.bodies != ["no02 only"]:
     fail(f"user3 got {user3.bodies}")
 
+# Addressed to a user (the seed's receiver): user3 logs in as a user of its
+# own (auth.mode = "none": the login names it) and reads its inbox.
+inbox_conn = stomp.WSConnection([(host, port)], ws_path="/ws", heartbeats=(1000, 1000))
+inbox = Reader()
+inbox_conn.set_listener("", inbox)
+inbox_user = f"reader{prefix}".replace(".", "").replace("-", "")
+inbox_conn.connect(wait=True, headers={"accept-version": "1.2", "login": inbox_user})
+inbox_conn.subscribe("/user/queue/inbox", id="inbox", ack="auto", headers={"receipt": "sub-inbox"})
+inbox.wait("inbox receipt", lambda: "sub-inbox" in inbox.receipts)
+publisher.send(f"/user/{inbox_user}/queue/inbox", "for one reader", headers={"receipt": "r-direct"})
+pub_listener.wait("addressed receipt", lambda: "r-direct" in pub_listener.receipts)
+if pub_listener.receipts["r-direct"].get("routed") != "true":
+    fail(f"addressed receipt {pub_listener.receipts['r-direct']}")
+inbox.wait("addressed message", lambda: len(inbox.bodies) >= 1)
+if inbox.bodies != ["for one reader"] or inbox.headers[0]["destination"] != "/user/queue/inbox":
+    fail(f"inbox got {inbox.bodies} {inbox.headers}")
+inbox_conn.disconnect()
+
 for conn, _ in list(readers.values()) + [(publisher, pub_listener)]:
     conn.disconnect()
 print(json.dumps({
