@@ -5,11 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{amqp_channel, body_text, unique, Client, Gateway, WAIT};
+use common::{amqp_channel, amqp_consumer, body_text, unique, Client, Gateway, WAIT};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use stompgate::stomp::frame::Frame;
@@ -80,40 +78,7 @@ async fn stomp_send_reaches_amqp_consumers_with_its_headers() {
     let gw = Gateway::start().await;
     let key = format!("{}.no02", unique("interop"));
     let (connection, channel) = amqp_channel().await;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "amq.topic".into(),
-            key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = amqp_consumer(&channel, &key).await;
 
     let (mut writer, _) = Client::connect(&gw).await;
     writer

@@ -9,11 +9,9 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{amqp_channel, unique, Client, Gateway, WAIT};
+use common::{amqp_channel, amqp_consumer, unique, Client, Gateway, WAIT};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use stompgate::auth::{hash_password, AuthMode, UserConfig};
@@ -113,40 +111,7 @@ async fn amqp_clients_see_the_sender_and_cannot_forge_it() {
     let (dest, mut reader, mut writer, session) = reader_and_writer(&gw, connect_frame()).await;
     let key = dest.trim_start_matches("/topic/").to_owned();
     let (connection, channel) = amqp_channel().await;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            "amq.topic".into(),
-            key.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = amqp_consumer(&channel, &key).await;
     writer.send_frame(&forged_send(&dest)).await;
     let delivery = tokio::time::timeout(WAIT, consumer.next())
         .await

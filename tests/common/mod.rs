@@ -878,6 +878,47 @@ pub fn openssl(args: &[&str]) {
     );
 }
 
+/// A consumer without acks of a queue of its own (exclusive, gone with the
+/// connection) bound to amq.topic with `key`: an AMQP reader of `/topic/<key>`.
+pub async fn amqp_consumer(channel: &lapin::Channel, key: &str) -> lapin::Consumer {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare");
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "amq.topic".into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.bind");
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume")
+}
+
 /// A direct AMQP connection, as "any AMQP client" in the interop tests.
 pub async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     require_rabbitmq().await;
