@@ -66,7 +66,24 @@ try {
   const want = [['no01'], ['no01'], ['no02']];
   if (JSON.stringify(counts) !== JSON.stringify(want)) fail(`pages show ${JSON.stringify(counts)}`);
 
+  // A line addressed to one reader: reader 1 answers reader 2 alone. A
+  // marker then goes to reader 3's inbox: had the line reached reader 3,
+  // it would have come first.
+  await reader1.fill('#to-session', sessions[1]);
+  await reader1.fill('#line', 'just for reader 2');
+  await reader1.click('#publish');
+  await reader2.waitForSelector('#messages li[data-channel="inbox"] >> text=just for reader 2', { timeout: 15000 });
+  await reader1.fill('#to-session', sessions[2]);
+  await reader1.fill('#line', 'inbox marker');
+  await reader1.click('#publish');
+  await reader3.waitForSelector('#messages li[data-channel="inbox"] >> text=inbox marker', { timeout: 15000 });
+  const inboxes = await Promise.all([reader1, reader2, reader3].map((p) =>
+    p.$$eval('#messages li[data-channel="inbox"] .body', (items) => items.map((i) => i.textContent))));
+  const wantInboxes = [[], ['just for reader 2'], ['inbox marker']];
+  if (JSON.stringify(inboxes) !== JSON.stringify(wantInboxes)) fail(`inboxes ${JSON.stringify(inboxes)}`);
+
   await reader1.screenshot({ path: `${outDir}/demo-reader1-no01.png` });
+  await reader2.screenshot({ path: `${outDir}/demo-reader2-inbox.png` });
   await reader3.screenshot({ path: `${outDir}/demo-reader3-no02.png` });
   console.log(JSON.stringify({ client: 'chromium', sessions, shown: counts, screenshots: outDir }));
 } finally {
