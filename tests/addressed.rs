@@ -2,14 +2,14 @@
 //! through RabbitMQ only: a SEND to `/user/<user>/queue/<name>` reaches
 //! every session of that user subscribed to `/user/queue/<name>`, on any
 //! node; one to `/session/<id>/queue/<name>` reaches that session alone.
-//! Nobody there: `routed:false`. Two gateway nodes in this process share
-//! the local RabbitMQ.
+//! Nobody there: `routed:false`. Two gateway nodes, one in this process
+//! and one a process of its own, share the local RabbitMQ.
 
 mod common;
 
 use std::sync::OnceLock;
 
-use common::{body_text, unique, Client, Gateway, WAIT};
+use common::{body_text, unique, Client, Gateway, Node, WAIT};
 use stompgate::auth::{hash_password, AuthMode, UserConfig};
 use stompgate::stomp::frame::Frame;
 
@@ -45,14 +45,17 @@ async fn send(client: &mut Client, destination: &str, body: &str) -> String {
 
 #[tokio::test]
 async fn a_user_destination_reaches_every_session_of_the_user_on_every_node() {
-    let (gw1, gw2) = (Gateway::start().await, Gateway::start().await);
+    // Two nodes: one in this process, one a process of its own.
+    let gw1 = Gateway::start().await;
+    let node2 = Node::spawn(&[]);
+    let gw2 = &node2.gateway;
     let (ann, bob) = (unique("ann"), unique("bob"));
     let (mut ann1, _) = inbox(&gw1, &ann, "inbox").await;
-    let (mut ann2, _) = inbox(&gw2, &ann, "inbox").await;
+    let (mut ann2, _) = inbox(gw2, &ann, "inbox").await;
     let (mut bob1, _) = inbox(&gw1, &bob, "inbox").await;
     // Another queue name of ann's: not this one.
-    let (mut ann_other, _) = inbox(&gw2, &ann, "other").await;
-    let (mut writer, writer_session) = Client::connect(&gw2).await;
+    let (mut ann_other, _) = inbox(gw2, &ann, "other").await;
+    let (mut writer, writer_session) = Client::connect(gw2).await;
 
     let routed = send(&mut writer, &format!("/user/{ann}/queue/inbox"), "for ann").await;
     assert_eq!(routed, "true");
@@ -95,15 +98,17 @@ async fn a_user_destination_reaches_every_session_of_the_user_on_every_node() {
         client.disconnect().await;
     }
     gw1.stop().await;
-    gw2.stop().await;
 }
 
 #[tokio::test]
 async fn a_session_destination_reaches_that_session_alone() {
-    let (gw1, gw2) = (Gateway::start().await, Gateway::start().await);
+    // Two nodes: one in this process, one a process of its own.
+    let gw1 = Gateway::start().await;
+    let node2 = Node::spawn(&[]);
+    let gw2 = &node2.gateway;
     let ann = unique("ann");
     let (mut first, first_session) = inbox(&gw1, &ann, "inbox").await;
-    let (mut second, second_session) = inbox(&gw2, &ann, "inbox").await;
+    let (mut second, second_session) = inbox(gw2, &ann, "inbox").await;
     let (mut writer, _) = Client::connect(&gw1).await;
     let to = |session: &str| format!("/session/{session}/queue/inbox");
     assert_eq!(
@@ -135,7 +140,6 @@ async fn a_session_destination_reaches_that_session_alone() {
     second.disconnect().await;
     writer.disconnect().await;
     gw1.stop().await;
-    gw2.stop().await;
 }
 
 #[tokio::test]
