@@ -1,10 +1,10 @@
 //! Bytes the node holds for its clients, counted against node-wide
-//! budgets: deliveries on their way to clients (`server.max_delivery_bytes`)
+//! budgets: deliveries on their way to clients (`amqp.node_prefetch_bytes`)
 //! and what clients sent that is not published yet, partial frames and
-//! messages and open transactions (`server.max_inbound_bytes`).
+//! messages and open transactions (`stomp.node_inbound_bytes`).
 //!
-//! Per-session limits bound one client; these bound many clients of one
-//! address (up to `server.max_connections_per_ip` of them) together.
+//! Per-session limits bound one client; these bound many clients together
+//! (up to `server.max_connections_per_ip` of them from one address).
 //! Past a budget the node pushes back on whoever holds the most: a
 //! session holding deliveries beyond a small floor is ended as too slow,
 //! one holding client bytes beyond it is not read until the node is back
