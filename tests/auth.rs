@@ -539,4 +539,45 @@ mod jwt {
         }
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    /// A token's `stomp.publish` patterns on the direct exchange say whom
+    /// its user may write to, as `auth.users` grants do; the token's `sub`
+    /// is the user its inbox and its messages' sender are named by.
+    #[tokio::test]
+    async fn token_grants_say_whom_a_user_may_write_to() {
+        let gw = hs256_gateway().await;
+        let (ann, bob, eve) = (unique("ann"), unique("bob"), unique("eve"));
+        let token = |sub: &str, publish: &[String]| {
+            hs256(&serde_json::json!({
+                "sub": sub,
+                "exp": now() + 600,
+                "stomp": {"subscribe": [], "publish": publish},
+            }))
+        };
+        let mut reader = Client::open(&gw).await;
+        reader
+            .handshake(connect_frame(None, Some(&token(&ann, &[]))))
+            .await;
+        reader.subscribe("in", "/user/queue/inbox").await;
+        let mut writer = Client::open(&gw).await;
+        let granted = [format!("stompgate.direct/user.{ann}.*")];
+        writer
+            .handshake(connect_frame(None, Some(&token(&bob, &granted))))
+            .await;
+        writer
+            .send(&format!("/user/{ann}/queue/inbox"), "from bob")
+            .await;
+        let message = reader.recv_message().await;
+        assert_eq!(body_text(&message), "from bob");
+        assert_eq!(message.get("stompgate-sender-user"), Some(bob.as_str()));
+        writer
+            .send(&format!("/user/{eve}/queue/inbox"), "not granted")
+            .await;
+        assert_eq!(
+            writer.expect_error().await.get("message"),
+            Some("access refused")
+        );
+        reader.disconnect().await;
+        gw.stop().await;
+    }
 }
