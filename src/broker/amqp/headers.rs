@@ -37,8 +37,8 @@ pub(super) fn reserved(name: &str) -> bool {
 
 /// Who sent a message from a STOMP SEND: set by the gateway from the
 /// session, on the message (AMQP headers) and on its MESSAGE frames.
-pub const SENDER_SESSION: &str = "stompgate-sender-session";
-pub const SENDER_USER: &str = "stompgate-sender-user";
+pub(super) const SENDER_SESSION: &str = "stompgate-sender-session";
+pub(super) const SENDER_USER: &str = "stompgate-sender-user";
 
 pub(super) fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s)
@@ -141,14 +141,17 @@ pub(super) fn stomp_headers_from(
         put("amqp-message-id", v.to_string());
     }
     if let Some(table) = properties.headers() {
-        let from_gateway = properties
-            .user_id()
-            .as_ref()
-            .is_some_and(|user| trusted.iter().any(|t| t == user.as_str()));
+        // Asked only of a sender header, not of every delivery.
+        let from_gateway = || {
+            properties
+                .user_id()
+                .as_ref()
+                .is_some_and(|user| trusted.iter().any(|t| t == user.as_str()))
+        };
         for (name, value) in table {
             let name_ = name.as_str();
             let sender = name_ == SENDER_SESSION || name_ == SENDER_USER;
-            if reserved(name_) && !(sender && from_gateway) {
+            if reserved(name_) && !(sender && from_gateway()) {
                 continue;
             }
             if let Some(text) = value_text(value) {
