@@ -30,6 +30,7 @@ pub struct Config {
     pub stomp: StompConfig,
     pub amqp: AmqpConfig,
     pub auth: AuthConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +151,30 @@ pub struct AmqpTlsConfig {
     pub key_file: String,
 }
 
+/// `/presence/<key>`: who reads a key, across nodes (see [`crate::presence`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Off: no node traffic, and `/presence/` subscriptions are refused.
+    pub enabled: bool,
+    /// How often each node tells the others it is alive.
+    #[serde(with = "humantime_serde")]
+    pub beat_interval: Duration,
+    /// A node not heard from for this long is gone: its members leave.
+    #[serde(with = "humantime_serde")]
+    pub node_timeout: Duration,
+    /// Longest a first watcher of a key waits for the other nodes' members
+    /// before its snapshot goes out with what came.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_timeout: Duration,
+    /// Members of one key a node lists (in snapshots, and in the events
+    /// it passes on); past it the key's presence is truncated.
+    pub max_members: usize,
+    /// Presence MESSAGEs waiting for one session to write them; past it
+    /// the session ends as too slow.
+    pub max_pending: usize,
+}
+
 /// What RabbitMQ does when a session's queue is full (`x-overflow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -173,6 +198,11 @@ impl AmqpConfig {
     /// Whether `/exchange/<name>/…` may use this exchange. The exchange
     /// behind /topic/, /sub/ and /pub/ always may.
     pub fn exchange_allowed(&self, name: &str) -> bool {
+        // The direct exchange carries addressed messages and presence, which
+        // only the gateway routes: `*` does not open it to `/exchange/`.
+        if name == self.direct_exchange {
+            return false;
+        }
         name == self.exchange || self.allowed_exchanges.iter().any(|a| a == "*" || a == name)
     }
 
@@ -259,6 +289,24 @@ impl Config {
                 "amqp.direct_exchange",
                 "must be 1 to 255 bytes, and not an amq.* exchange (the gateway declares it)",
             ));
+        }
+        let p = &self.presence;
+        if p.beat_interval.is_zero() {
+            return Err(invalid("presence.beat_interval", "must be above 0"));
+        }
+        if p.node_timeout < p.beat_interval * 2 {
+            return Err(invalid(
+                "presence.node_timeout",
+                "must be at least twice presence.beat_interval, or one late beat ends a node",
+            ));
+        }
+        if p.max_members == 0 || p.max_pending == 0 {
+            let key = if p.max_members == 0 {
+                "presence.max_members"
+            } else {
+                "presence.max_pending"
+            };
+            return Err(invalid(key, "must be at least 1"));
         }
         if self.amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));

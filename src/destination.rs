@@ -40,8 +40,9 @@ impl fmt::Display for Use {
 pub enum DestinationError {
     #[error(
         "unsupported destination {0:?}: use /topic/<key>, /sub/<key> (SUBSCRIBE), \
-         /pub/<key> (SEND), /exchange/<name>/<key>, /user/queue/<name> (SUBSCRIBE), \
-         /user/<user>/queue/<name> or /session/<id>/queue/<name> (SEND)"
+         /pub/<key> (SEND), /exchange/<name>/<key>, /user/queue/<name>, /user/topic/<name> \
+         or /user/exchange/<exchange>/<name> (SUBSCRIBE), the same after /user/<user> or \
+         /session/<id> (SEND), /presence/<key> (SUBSCRIBE)"
     )]
     Unsupported(String),
     #[error("{usage} cannot use {dest:?}: {hint}")]
@@ -63,6 +64,11 @@ pub enum DestinationError {
          bytes without '.', '*', '#' or '/'"
     )]
     AddressWord(String),
+    #[error(
+        "{0:?}: a presence key is 1 to 240 bytes without '*' or '#' (the members of one \
+         routing key, not of a pattern)"
+    )]
+    PresenceKey(String),
 }
 
 impl Destination {
@@ -89,6 +95,12 @@ impl Destination {
                 });
             }
             ("/pub/", exchange, key)
+        } else if dest.starts_with("/presence/") && usage == Use::Send {
+            return Err(DestinationError::WrongDirection {
+                usage,
+                dest: dest.to_owned(),
+                hint: "/presence/ is for SUBSCRIBE: the gateway sends its events",
+            });
         } else if let Some(rest) = dest.strip_prefix("/exchange/") {
             let Some((name, key)) = rest.split_once('/') else {
                 return Err(DestinationError::EmptyKey(dest.to_owned()));
@@ -120,16 +132,17 @@ impl Destination {
 }
 
 /// An addressed SEND (the seed's `receiver`): to every session of a user
-/// subscribed to `/user/queue/<name>`, or to one session's.
+/// subscribed to the inbox, or to one session's. `inbox` is the inbox's
+/// key (see [`user_inbox`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addressed {
-    User { user: String, name: String },
-    Session { id: String, name: String },
+    User { user: String, inbox: String },
+    Session { id: String, inbox: String },
 }
 
 impl Addressed {
-    /// `/user/<user>/queue/<name>` or `/session/<id>/queue/<name>`; None
-    /// for any other destination.
+    /// `/user/<user>/<inbox>` or `/session/<id>/<inbox>`, the inbox as in
+    /// [`user_inbox`]; None for any other destination.
     pub fn parse_send(dest: &str) -> Option<Result<Addressed, DestinationError>> {
         let (user, rest) = if let Some(rest) = dest.strip_prefix("/user/") {
             (true, rest)
@@ -137,23 +150,26 @@ impl Addressed {
             (false, dest.strip_prefix("/session/")?)
         };
         // `/user/queue/<name>` is what a client subscribes to, not where
-        // one sends.
-        if user && rest.starts_with("queue/") {
+        // one sends (so users named queue, topic or exchange cannot be
+        // addressed).
+        if user && inbox_key(dest, rest).is_some() {
             return Some(Err(DestinationError::WrongDirection {
                 usage: Use::Send,
                 dest: dest.to_owned(),
-                hint: "/user/queue/<name> is for SUBSCRIBE; send to /user/<user>/queue/<name>",
+                hint: "/user/queue/<name> (or topic/, exchange/) is for SUBSCRIBE; \
+                       send to /user/<user>/queue/<name>",
             }));
         }
         let parsed = rest
-            .split_once("/queue/")
+            .split_once('/')
+            .and_then(|(who, tail)| Some((who, inbox_key(dest, tail)?)))
             .ok_or_else(|| DestinationError::Unsupported(dest.to_owned()))
-            .and_then(|(who, name)| {
+            .and_then(|(who, inbox)| {
                 let who = address_word(dest, who)?.to_owned();
-                let name = address_word(dest, name)?.to_owned();
+                let inbox = inbox?;
                 Ok(match user {
-                    true => Addressed::User { user: who, name },
-                    false => Addressed::Session { id: who, name },
+                    true => Addressed::User { user: who, inbox },
+                    false => Addressed::Session { id: who, inbox },
                 })
             });
         Some(parsed)
@@ -162,32 +178,73 @@ impl Addressed {
     /// Where it goes on the direct exchange.
     pub fn route(&self, direct_exchange: &str) -> Route {
         match self {
-            Addressed::User { user, name } => user_route(direct_exchange, user, name),
-            Addressed::Session { id, name } => session_route(direct_exchange, id, name),
+            Addressed::User { user, inbox } => user_route(direct_exchange, user, inbox),
+            Addressed::Session { id, inbox } => session_route(direct_exchange, id, inbox),
         }
     }
 }
 
-/// The `<name>` of a SUBSCRIBE to `/user/queue/<name>`; None for any other
-/// destination.
-pub fn user_queue(dest: &str) -> Option<Result<&str, DestinationError>> {
-    let name = dest.strip_prefix("/user/queue/")?;
-    Some(address_word(dest, name))
+/// The inbox key of a SUBSCRIBE to one of Spring's user destinations:
+/// `/user/queue/<name>` → `<name>`, `/user/topic/<name>` →
+/// `topic.<name>`, `/user/exchange/<exchange>/<name>` →
+/// `exchange.<exchange>.<name>`. None for any other destination.
+pub fn user_inbox(dest: &str) -> Option<Result<String, DestinationError>> {
+    inbox_key(dest, dest.strip_prefix("/user/")?)
 }
 
-/// The binding that brings a user's messages for `name`.
-pub fn user_route(direct_exchange: &str, user: &str, name: &str) -> Route {
+/// See [`user_inbox`]: `tail` is what follows `/user/`, `/user/<user>/`
+/// or `/session/<id>/`. Keys of different forms never meet: a queue's
+/// has one word, a topic's two, an exchange's three or more.
+fn inbox_key(dest: &str, tail: &str) -> Option<Result<String, DestinationError>> {
+    if let Some(name) = tail.strip_prefix("queue/") {
+        return Some(address_word(dest, name).map(str::to_owned));
+    }
+    if let Some(name) = tail.strip_prefix("topic/") {
+        return Some(address_word(dest, name).map(|name| format!("topic.{name}")));
+    }
+    let rest = tail.strip_prefix("exchange/")?;
+    let bad = || DestinationError::AddressWord(dest.to_owned());
+    let key = rest
+        .split_once('/')
+        .ok_or_else(bad)
+        .and_then(|(exchange, name)| {
+            let name = address_word(dest, name)?;
+            let words_ok = exchange.split('.').all(|w| !w.is_empty());
+            if !words_ok || exchange.len() > 100 || exchange.contains(['*', '#']) {
+                return Err(bad());
+            }
+            Ok(format!("exchange.{exchange}.{name}"))
+        });
+    Some(key)
+}
+
+/// Longest presence key: `presence.event.<key>` must fit a routing key.
+pub const MAX_PRESENCE_KEY: usize = 240;
+
+/// The `<key>` of a SUBSCRIBE to `/presence/<key>`: whose members it
+/// watches (sessions subscribed to `/topic/<key>` or `/sub/<key>`); None
+/// for any other destination.
+pub fn presence_key(dest: &str) -> Option<Result<&str, DestinationError>> {
+    let key = dest.strip_prefix("/presence/")?;
+    if key.is_empty() || key.len() > MAX_PRESENCE_KEY || key.contains(['*', '#']) {
+        return Some(Err(DestinationError::PresenceKey(dest.to_owned())));
+    }
+    Some(Ok(key))
+}
+
+/// The binding that brings a user's messages for an inbox.
+pub fn user_route(direct_exchange: &str, user: &str, inbox: &str) -> Route {
     Route {
         exchange: direct_exchange.to_owned(),
-        key: format!("user.{user}.{name}"),
+        key: format!("user.{user}.{inbox}"),
     }
 }
 
-/// The binding that brings one session's messages for `name`.
-pub fn session_route(direct_exchange: &str, id: &str, name: &str) -> Route {
+/// The binding that brings one session's messages for an inbox.
+pub fn session_route(direct_exchange: &str, id: &str, inbox: &str) -> Route {
     Route {
         exchange: direct_exchange.to_owned(),
-        key: format!("session.{id}.{name}"),
+        key: format!("session.{id}.{inbox}"),
     }
 }
 
@@ -350,20 +407,73 @@ mod addressed_tests {
             Err(DestinationError::WrongDirection { .. })
         ));
         assert!(matches!(
-            parse("/user/ann/topic/x"),
+            parse("/user/ann/other/x"),
             Err(DestinationError::Unsupported(_))
         ));
         assert!(Addressed::parse_send("/topic/x").is_none());
+        // Spring's other two forms, each with keys of its own.
+        let topic = parse("/user/ann/topic/news").unwrap();
+        assert_eq!(topic.route("d").key, "user.ann.topic.news");
+        let exchange = parse("/session/s1/exchange/amq.direct/news").unwrap();
+        assert_eq!(
+            exchange.route("d").key,
+            "session.s1.exchange.amq.direct.news"
+        );
+        for bad in [
+            "/user/ann/exchange/a..b/n",
+            "/user/ann/exchange/amq.*/n",
+            "/user/ann/exchange/amq.direct",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(DestinationError::AddressWord(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse("/user/topic/news"),
+            Err(DestinationError::WrongDirection { .. })
+        ));
     }
 
     #[test]
-    fn user_queues_are_subscribed_by_name() {
-        assert_eq!(user_queue("/user/queue/inbox"), Some(Ok("inbox")));
+    fn presence_keys_are_literal_routing_keys() {
+        assert_eq!(presence_key("/presence/no01"), Some(Ok("no01")));
+        assert_eq!(presence_key("/presence/news.sport"), Some(Ok("news.sport")));
+        for bad in ["/presence/", "/presence/news.*", "/presence/#"] {
+            assert!(
+                matches!(
+                    presence_key(bad),
+                    Some(Err(DestinationError::PresenceKey(_)))
+                ),
+                "{bad}"
+            );
+        }
+        let long = format!("/presence/{}", "k".repeat(MAX_PRESENCE_KEY + 1));
+        assert!(presence_key(&long).unwrap().is_err());
+        assert_eq!(presence_key("/topic/no01"), None);
         assert!(matches!(
-            user_queue("/user/queue/a.b"),
+            Destination::parse("/presence/no01", Use::Send, "amq.topic"),
+            Err(DestinationError::WrongDirection { .. })
+        ));
+    }
+
+    #[test]
+    fn user_inboxes_are_subscribed_by_name() {
+        assert_eq!(user_inbox("/user/queue/inbox"), Some(Ok("inbox".into())));
+        assert_eq!(
+            user_inbox("/user/topic/inbox"),
+            Some(Ok("topic.inbox".into()))
+        );
+        assert_eq!(
+            user_inbox("/user/exchange/amq.direct/inbox"),
+            Some(Ok("exchange.amq.direct.inbox".into()))
+        );
+        assert!(matches!(
+            user_inbox("/user/queue/a.b"),
             Some(Err(DestinationError::AddressWord(_)))
         ));
-        assert_eq!(user_queue("/topic/inbox"), None);
+        assert_eq!(user_inbox("/topic/inbox"), None);
+        assert_eq!(user_inbox("/user/ann/queue/inbox"), None);
         assert_eq!(user_route("d", "ann", "inbox").key, "user.ann.inbox");
         assert_eq!(session_route("d", "s1", "inbox").key, "session.s1.inbox");
     }

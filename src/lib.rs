@@ -44,6 +44,7 @@ pub mod config;
 pub mod destination;
 pub mod limits;
 pub mod metrics;
+pub mod presence;
 pub mod routes;
 pub mod server;
 pub mod session;

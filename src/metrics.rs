@@ -38,6 +38,11 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Refusals by the config key of the limit or rule that refused.
     pub refusals: IntCounterVec,
+    /// Presence messages this node published, by kind: `beat`, `bye`,
+    /// `query`, `unwatch`, `answer`, `join`, `leave`.
+    pub presence_published: IntCounterVec,
+    /// Presence nodes heard from and not timed out (this one too).
+    pub presence_nodes: IntGauge,
     pub heartbeat_timeouts: IntCounter,
     pub slow_client_disconnects: IntCounter,
     /// 1 while the broker answers, 0 otherwise.
@@ -197,6 +202,17 @@ impl Metrics {
                 "refusals_total",
                 "Connections, frames and requests refused, by the config key of the limit",
                 "limit",
+            )?,
+            presence_published: counter_vec(
+                r,
+                "presence_published_total",
+                "Presence messages published to other nodes, by kind",
+                "op",
+            )?,
+            presence_nodes: gauge(
+                r,
+                "presence_nodes",
+                "Gateway nodes heard from within presence.node_timeout, this one included",
             )?,
             heartbeat_timeouts: counter(
                 r,

@@ -19,6 +19,7 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::limits::{ConnectionLimits, Permit, Refusal};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::session::{self, SessionContext};
 use crate::stomp::command::Version;
 use crate::websocket::{self, WebSocketConfig};
@@ -39,6 +40,8 @@ pub struct State<B> {
     /// `stomp.node_inbound_bytes`: what all clients' unfinished frames
     /// and open transactions may hold.
     pub inbound: Arc<Budget>,
+    /// None when presence.enabled is off.
+    pub presence: Option<Arc<Presence>>,
 }
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
@@ -222,6 +225,7 @@ fn upgrade<B: Broker>(
                 auth: state.auth.clone(),
                 inbound: state.inbound.clone(),
                 upgrade_token: upgrade_token(&headers, query),
+                presence: state.presence.clone(),
             };
             let sessions = state.sessions.clone();
             ws.reply(config, named, move |socket| {

@@ -16,6 +16,7 @@ use crate::budget::Budget;
 use crate::config::Config;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
+use crate::presence::{self, Presence};
 use crate::routes::{self, ConnectionSlot, PeerAddr, State};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::TlsAcceptor;
@@ -49,6 +50,22 @@ pub async fn run<B: Broker>(
         );
     }
     let sessions = TaskTracker::new();
+    // Stopped after the sessions, so that their leaves are published.
+    let presence_stop = CancellationToken::new();
+    let (presence, agent) = match config.presence.enabled {
+        true => {
+            let presence = Presence::new(&config.presence);
+            let agent = tokio::spawn(presence::agent::run(
+                presence.clone(),
+                broker.clone(),
+                config.amqp.direct_exchange.clone(),
+                metrics.clone(),
+                presence_stop.clone(),
+            ));
+            (Some(presence), Some(agent))
+        }
+        false => (None, None),
+    };
     tokio::spawn(probe_broker(broker.clone(), shutdown.clone()));
     let limits = Arc::new(ConnectionLimits::new(
         config.server.max_connections,
@@ -68,6 +85,7 @@ pub async fn run<B: Broker>(
         registry: Arc::new(admin::Registry::default()),
         auth,
         limits: limits.clone(),
+        presence,
     });
     let tls = match crate::tls::server_config(&config.server.tls) {
         Ok(tls) => tls,
@@ -105,6 +123,11 @@ pub async fn run<B: Broker>(
             open = sessions.len(),
             "sessions still open after server.shutdown_timeout"
         );
+    }
+    presence_stop.cancel();
+    if let Some(agent) = agent {
+        // Its bye: bounded like any broker call.
+        let _ = tokio::time::timeout(config.amqp.call_timeout, agent).await;
     }
     info!("stopped");
 }

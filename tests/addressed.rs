@@ -143,12 +143,79 @@ async fn a_session_destination_reaches_that_session_alone() {
 }
 
 #[tokio::test]
+async fn springs_topic_and_exchange_user_destinations_work_like_queues() {
+    let gw1 = Gateway::start().await;
+    let node2 = Node::spawn(&[]);
+    let ann = unique("ann");
+    // One session of ann's per node, each with the three forms of an
+    // inbox of the same name: each form is an inbox of its own.
+    let forms = [
+        "/user/queue/news",
+        "/user/topic/news",
+        "/user/exchange/amq.direct/news",
+    ];
+    let mut sessions = Vec::new();
+    for gw in [&gw1, &node2.gateway] {
+        let mut client = Client::open(gw).await;
+        let session = client
+            .handshake(
+                Frame::new("CONNECT")
+                    .header("accept-version", "1.2")
+                    .header("login", ann.as_str()),
+            )
+            .await;
+        for (i, form) in forms.iter().enumerate() {
+            client.subscribe(&format!("s{i}"), form).await;
+        }
+        sessions.push((client, session));
+    }
+    let (mut writer, _) = Client::connect(&gw1).await;
+    for (i, form) in forms.iter().enumerate() {
+        // To the user: both sessions, on that form's subscription alone.
+        let tail = form.strip_prefix("/user/").unwrap();
+        let to_user = format!("/user/{ann}/{tail}");
+        assert_eq!(
+            send(&mut writer, &to_user, &format!("user {i}")).await,
+            "true"
+        );
+        for (client, _) in sessions.iter_mut() {
+            let message = client.recv_message().await;
+            assert_eq!(body_text(&message), format!("user {i}"));
+            assert_eq!(message.get("destination"), Some(*form));
+            assert_eq!(message.get("subscription"), Some(format!("s{i}").as_str()));
+        }
+        // To the second session alone.
+        let to_session = format!("/session/{}/{tail}", sessions[1].1);
+        assert_eq!(
+            send(&mut writer, &to_session, &format!("session {i}")).await,
+            "true"
+        );
+        let message = sessions[1].0.recv_message().await;
+        assert_eq!(body_text(&message), format!("session {i}"));
+        assert_eq!(message.get("destination"), Some(*form));
+    }
+    // Nothing else came to the first session: a marker is next.
+    let to_first = format!("/session/{}/queue/news", sessions[0].1);
+    send(&mut writer, &to_first, "marker").await;
+    assert_eq!(body_text(&sessions[0].0.recv_message().await), "marker");
+    // A form nobody subscribed to: routed:false.
+    let nobody = format!("/user/{ann}/exchange/amq.fanout/news");
+    assert_eq!(send(&mut writer, &nobody, "?").await, "false");
+    for (client, _) in sessions {
+        client.disconnect().await;
+    }
+    writer.disconnect().await;
+    gw1.stop().await;
+}
+
+#[tokio::test]
 async fn addressed_destinations_are_checked() {
     let gw = Gateway::start().await;
     for (destination, message) in [
         ("/user/a.b/queue/inbox", "invalid destination"),
         ("/user/queue/inbox", "invalid destination"),
-        ("/session/x/topic/inbox", "invalid destination"),
+        ("/session/x/other/inbox", "invalid destination"),
+        ("/user/topic/inbox", "invalid destination"),
     ] {
         let (mut client, _) = Client::connect(&gw).await;
         client

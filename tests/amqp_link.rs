@@ -48,7 +48,7 @@ async fn heart_beats_keep_an_idle_broker_connection_open() {
         "the broker connection was lost and reopened while idle"
     );
     client.disconnect().await;
-    mgmt.wait_no_queues(&gw.queue_prefix(), WAIT).await;
+    mgmt.wait_no_session_queues(&gw.queue_prefix(), WAIT).await;
     gw.stop().await;
 }
 

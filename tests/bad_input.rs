@@ -138,6 +138,19 @@ async fn bad_destinations() {
     let error = error_for(&gw, true, frame.as_bytes()).await;
     assert_eq!(error.get("message"), Some("broker error"));
     assert!(body_text(&error).contains("NOT_FOUND"), "{error:?}");
+    // Even "*" does not open the direct exchange: whoever could use it
+    // would read others' inboxes, or say who reads what (presence).
+    for frame in [
+        "SEND\ndestination:/exchange/stompgate.direct/presence.beat\n\nx\0",
+        "SUBSCRIBE\nid:1\ndestination:/exchange/stompgate.direct/user.ann.inbox\n\n\0",
+    ] {
+        let error = error_for(&gw, true, frame.as_bytes()).await;
+        assert_eq!(error.get("message"), Some("access refused"));
+        assert!(
+            body_text(&error).contains("amqp.direct_exchange"),
+            "{error:?}"
+        );
+    }
     assert_still_serving(&gw).await;
     gw.stop().await;
 }

@@ -367,7 +367,12 @@ async fn killed_node_leaves_no_queue_and_disturbs_no_one() {
     let (mut reader, _) = Client::connect(&survivor.gateway).await;
     reader.subscribe("s", &dest).await;
     let (mut writer, _) = Client::connect(&survivor.gateway).await;
-    assert_eq!(mgmt.queues(&doomed.gateway.queue_prefix()).await.len(), 3);
+    assert_eq!(
+        mgmt.session_queues(&doomed.gateway.queue_prefix())
+            .await
+            .len(),
+        3
+    );
 
     doomed.signal("-KILL");
     doomed.wait_exit(WAIT);

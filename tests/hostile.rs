@@ -60,7 +60,7 @@ async fn ten_thousand_subscriptions() {
     assert!(body_text(&error).contains("stomp.max_subscriptions (256)"));
     assert_eq!(refusals(&gw, "stomp.max_subscriptions").await, 1.0);
     common::Management::new()
-        .wait_no_queues(&gw.queue_prefix(), Duration::from_secs(5))
+        .wait_no_session_queues(&gw.queue_prefix(), Duration::from_secs(5))
         .await;
     assert_served(&gw).await;
     gw.stop().await;
@@ -1001,7 +1001,7 @@ async fn stuck_readers_of_a_busy_channel_leave_the_backlog_in_rabbitmq() {
     }
     writer.disconnect().await;
     reader.disconnect().await;
-    mgmt.wait_no_queues(&gw.queue_prefix(), Duration::from_secs(40))
+    mgmt.wait_no_session_queues(&gw.queue_prefix(), Duration::from_secs(40))
         .await;
 }
 

@@ -16,6 +16,7 @@ use crate::broker::{Broker, BrokerSession, Sender};
 use crate::config::StompConfig;
 use crate::limits::PublishRate;
 use crate::metrics::Metrics;
+use crate::presence::SessionPresence;
 use crate::stomp::command::{self, Connect, Version};
 use crate::websocket::WebSocket;
 
@@ -155,6 +156,13 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         session: id.clone(),
         user: identity.user.clone().filter(|_| authenticated),
     });
+    // Shown with the user that goes with its messages, nobody's claim.
+    let presence = SessionPresence::new(
+        ctx.presence.clone(),
+        &id,
+        sender.user.clone(),
+        ctx.config.presence.max_pending,
+    );
     let mut session = Session {
         id,
         version,
@@ -165,6 +173,7 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         entry,
         sender,
         user: identity.user.clone(),
+        presence,
         grants: identity.grants,
         expires: identity.expires.map(|at| {
             let left = at

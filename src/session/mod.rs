@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::destination::{DestinationError, Use};
 use crate::limits::{PublishRate, Refusal};
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::stomp::command::{self, ClientCommand, CommandError, Version};
 use crate::stomp::frame::{Frame, FrameError};
 use crate::websocket::{Message, WebSocket};
@@ -39,6 +40,7 @@ mod publishes;
 mod recovery;
 mod socket;
 mod subscriptions;
+mod watching;
 
 use acks::Acks;
 pub use connect::run;
@@ -76,6 +78,8 @@ pub struct SessionContext<B> {
     /// A token from the upgrade request (`Authorization: Bearer` header
     /// or `access_token` query parameter), for `auth.mode = "jwt"`.
     pub upgrade_token: Option<String>,
+    /// None when presence.enabled is off.
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// A protocol or broker failure: reported to the client in an ERROR frame,
@@ -216,6 +220,8 @@ struct Session<B: Broker> {
     /// The session's user, for `/user/` destinations: the authenticated
     /// one, or with auth.mode = "none" CONNECT's login.
     user: Option<String>,
+    /// Its memberships and `/presence/` subscriptions.
+    presence: crate::presence::SessionPresence,
     /// What the authenticated user may subscribe to and publish to.
     grants: Arc<Grants>,
     /// When the credentials expire (a token's `exp`): the session ends then.
@@ -300,6 +306,7 @@ impl<B: Broker> Session<B> {
                 // publishes wait for confirms: back-pressure, not buffering.
                 inbound = self.conn.read(), if reading => self.received(inbound).await,
                 delivery = next_delivery(&mut self.broker) => self.queue_gave(delivery).await,
+                () = self.presence.inbox.ready() => self.presence_arrived().await,
                 opened = opened(&mut self.opening) => {
                     self.opening = None;
                     match self.reconnected(opened).await {
@@ -593,7 +600,7 @@ impl<B: Broker> Session<B> {
             .dec();
         self.metrics
             .subscriptions
-            .sub(self.subscriptions.len() as i64);
+            .sub((self.subscriptions.len() + self.presence.watches()) as i64);
         record_end(&end, &self.metrics);
     }
 }

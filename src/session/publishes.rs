@@ -384,6 +384,15 @@ impl<B: Broker> Session<B> {
         if self.config.amqp.exchange_allowed(exchange) {
             return Ok(());
         }
+        if *exchange == self.config.amqp.direct_exchange {
+            return Err(SessionError::Denied {
+                rule: "amqp.direct_exchange",
+                detail: format!(
+                    "exchange {exchange:?} is amqp.direct_exchange, which only the gateway \
+                     routes on: use /user/ and /session/ destinations (and /presence/)"
+                ),
+            });
+        }
         Err(SessionError::Denied {
             rule: "amqp.allowed_exchanges",
             detail: format!("exchange {exchange:?} is not in amqp.allowed_exchanges"),

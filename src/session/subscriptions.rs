@@ -9,7 +9,8 @@ use tracing::debug;
 
 use crate::broker::{Broker, BrokerSession};
 use crate::destination::{
-    address_word, session_route, topic_matches, user_queue, user_route, Destination, Route, Use,
+    address_word, presence_key, session_route, topic_matches, user_inbox, user_route, Destination,
+    Route, Use,
 };
 use crate::stomp::command::AckMode;
 
@@ -98,14 +99,21 @@ impl Subscriptions {
         self.list.len()
     }
 
-    /// Refuses an id already in use, or one subscription more than `limit`.
-    pub(super) fn check_new(&self, id: &str, limit: usize) -> Result<(), SessionError> {
-        if self.list.iter().any(|s| s.id == id) {
+    /// Refuses an id already in use, or one subscription more than `limit`;
+    /// `others` are the session's subscriptions kept elsewhere (presence).
+    pub(super) fn check_new(
+        &self,
+        id: &str,
+        others: (usize, bool),
+        limit: usize,
+    ) -> Result<(), SessionError> {
+        let (other_count, other_has_id) = others;
+        if other_has_id || self.list.iter().any(|s| s.id == id) {
             return Err(SessionError::Protocol(format!(
                 "subscription id {id:?} is already in use on this connection"
             )));
         }
-        if self.list.len() >= limit {
+        if self.list.len() + other_count >= limit {
             return Err(SessionError::Limit {
                 key: "stomp.max_subscriptions",
                 detail: format!("more than stomp.max_subscriptions ({limit}) subscriptions"),
@@ -184,14 +192,19 @@ impl<B: Broker> Session<B> {
         destination: &str,
         ack: AckMode,
     ) -> Result<(), SessionError> {
+        let others = (self.presence.watches(), self.presence.watching(&id));
         self.subscriptions
-            .check_new(&id, self.config.stomp.max_subscriptions)?;
+            .check_new(&id, others, self.config.stomp.max_subscriptions)?;
         let destination_name = destination;
-        let subscription = match user_queue(destination_name) {
-            // The session's own queue for addressed messages: no grant
+        if let Some(key) = presence_key(destination) {
+            return self.watch(id, destination, key?, ack);
+        }
+        let subscription = match user_inbox(destination_name) {
+            // The session's own inbox for addressed messages: no grant
             // needed, nothing of anyone else's.
-            Some(name) => {
-                let name = name?;
+            Some(inbox) => {
+                let inbox = inbox?;
+                let name = inbox.as_str();
                 let direct = &self.config.amqp.direct_exchange;
                 let user = match self.user.as_deref() {
                     Some(user) => Some(user_route(
@@ -242,14 +255,34 @@ impl<B: Broker> Session<B> {
         debug!(id = subscription.id, destination = ?subscription.destination.route, "subscribed");
         self.metrics.subscriptions.inc();
         self.entry.subscribed(&subscription.id, destination_name);
+        if let Some(key) = self.member_key(&subscription.destination) {
+            self.presence.subscribed(&key);
+        }
         self.subscriptions.add(subscription);
         Ok(())
     }
 
+    /// The key a subscription makes the session a member of, for
+    /// `/presence/<key>`: one routing key (no wildcard) on the exchange
+    /// behind `/topic/` and `/sub/`.
+    fn member_key(&self, destination: &Destination) -> Option<String> {
+        let route = &destination.route;
+        let literal = !route.key.split('.').any(|w| w == "*" || w == "#");
+        (route.exchange == self.config.amqp.exchange && literal).then(|| route.key.clone())
+    }
+
     pub(super) async fn unsubscribe(&mut self, id: &str) -> Result<(), SessionError> {
+        if self.presence.unwatch(id) {
+            self.metrics.subscriptions.dec();
+            self.entry.unsubscribed(id);
+            return Ok(());
+        }
         let (subscription, unused) = self.subscriptions.remove(id)?;
         self.metrics.subscriptions.dec();
         self.entry.unsubscribed(id);
+        if let Some(key) = self.member_key(&subscription.destination) {
+            self.presence.unsubscribed(&key);
+        }
         let settled = self
             .acks
             .unsubscribed(subscription.unacked, &mut self.subscriptions);
@@ -312,15 +345,15 @@ mod tests {
     fn ids_are_unique_and_the_table_is_bounded() {
         let mut subs = Subscriptions::default();
         subs.add(subscription("a", "/topic/x"));
-        let Err(SessionError::Protocol(why)) = subs.check_new("a", 10) else {
+        let Err(SessionError::Protocol(why)) = subs.check_new("a", (0, false), 10) else {
             panic!("a reused id is refused");
         };
         assert!(why.contains("already in use"), "{why}");
-        let Err(SessionError::Limit { key, .. }) = subs.check_new("b", 1) else {
+        let Err(SessionError::Limit { key, .. }) = subs.check_new("b", (0, false), 1) else {
             panic!("one more than the limit is refused");
         };
         assert_eq!(key, "stomp.max_subscriptions");
-        assert!(subs.check_new("b", 2).is_ok());
+        assert!(subs.check_new("b", (0, false), 2).is_ok());
         assert!(matches!(
             subs.remove("nope"),
             Err(SessionError::Protocol(_))

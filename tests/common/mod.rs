@@ -601,6 +601,14 @@ impl Management {
         Some(response.json().await.expect("management API JSON"))
     }
 
+    /// The sessions' queues among [`Management::queues`]: not the one
+    /// each node's presence agent holds for as long as the node runs.
+    pub async fn session_queues(&self, prefix: &str) -> Vec<String> {
+        let mut queues = self.queues(prefix).await;
+        queues.retain(|name| !name.contains(".presence-"));
+        queues
+    }
+
     /// Names of the queues whose name starts with `prefix`.
     pub async fn queues(&self, prefix: &str) -> Vec<String> {
         let queues = self
@@ -678,11 +686,25 @@ impl Management {
         }
     }
 
-    /// Polls until no queue starts with `prefix`, failing after `within`.
+    /// Polls until no queue starts with `prefix`, failing after `within`:
+    /// for a node that has gone.
     pub async fn wait_no_queues(&self, prefix: &str, within: Duration) {
+        self.wait_none(prefix, within, false).await
+    }
+
+    /// Polls until no session's queue starts with `prefix` (a running
+    /// node's presence queue stays), failing after `within`.
+    pub async fn wait_no_session_queues(&self, prefix: &str, within: Duration) {
+        self.wait_none(prefix, within, true).await
+    }
+
+    async fn wait_none(&self, prefix: &str, within: Duration, sessions_only: bool) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let left = self.queues(prefix).await;
+            let left = match sessions_only {
+                true => self.session_queues(prefix).await,
+                false => self.queues(prefix).await,
+            };
             if left.is_empty() {
                 return;
             }
