@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{unique, Gateway};
+use common::{unique, Gateway, Node};
 
 async fn run(program: &str, args: &[String]) {
     let output = tokio::time::timeout(
@@ -57,8 +57,10 @@ async fn stomp_py_newspaper() {
 }
 
 /// The demo page at `/` in headless Chromium (Debian's, driven by
-/// playwright-core): two pages on no01 and one on no02; a line published
-/// to no01 shows on exactly the first two. Screenshots go to
+/// playwright-core), on two nodes (this process's and a process of its
+/// own): two pages on no01, one per node, and one on no02; a line
+/// published to no01 shows on exactly the first two, and each page shows
+/// who reads its paper, across nodes. Screenshots go to
 /// target/tmp/browser/ for a person to look at.
 #[tokio::test]
 async fn demo_page_in_chromium() {
@@ -68,9 +70,11 @@ async fn demo_page_in_chromium() {
         "{chromium} not found: run scripts/test (it installs Debian's chromium)"
     );
     let gw = Gateway::start().await;
+    let node2 = Node::spawn(&[]);
     let script = format!("{}/tests/clients/browser.mjs", env!("CARGO_MANIFEST_DIR"));
     let out = format!("{}/browser", env!("CARGO_TARGET_TMPDIR"));
-    run("node", &[script, gw.http_url(""), out.clone()]).await;
+    let (base1, base2) = (gw.http_url(""), node2.gateway.http_url(""));
+    run("node", &[script, base1, base2, out.clone(), unique("b")]).await;
     for shot in ["demo-reader1-no01.png", "demo-reader3-no02.png"] {
         let path = Path::new(&out).join(shot);
         assert!(path.exists(), "screenshot {} missing", path.display());

@@ -45,10 +45,24 @@ async function subscribe(user, paper, inbox) {
 const [user1, user2, user3, publisher] = await Promise.all(
   ['user1', 'user2', 'user3', 'publisher'].map(connect),
 );
+const until = async (check) => { while (!check()) await new Promise((r) => setTimeout(r, 20)); };
+// Who reads no01 (the seed's new and close): a snapshot, then joins and leaves.
+const presence = [];
+publisher.client.subscribe(`/presence/${no01}`, (m) => presence.push(m), { id: 'who' });
+await until(() => presence.length >= 1);
+if (presence[0].headers['stompgate-presence'] !== 'snapshot' || JSON.parse(presence[0].body).members.length) {
+  fail(`first presence MESSAGE ${JSON.stringify(presence[0].headers)} ${presence[0].body}`);
+}
 const inbox = { user1: [], user2: [], user3: [] };
 await subscribe(user1, no01, inbox.user1);
 await subscribe(user2, no01, inbox.user2);
 await subscribe(user3, no02, inbox.user3);
+await until(() => presence.length >= 3);
+const joined = presence.slice(1, 3).map((m) => JSON.parse(m.body));
+if (JSON.stringify(joined.map((j) => [j.presence, j.session])) !==
+    JSON.stringify([['join', user1.session], ['join', user2.session]])) {
+  fail(`presence joins ${JSON.stringify(joined)}`);
+}
 
 const issues = ['1면: 구독 시작', 'page 2', 'page 3'];
 for (const body of issues) publisher.client.publish({ destination: `/topic/${no01}`, body });
@@ -61,7 +75,6 @@ publisher.client.publish({ destination: `/topic/${prefix}no99`, body: 'anyone?',
 const unrouted = (await done).headers.routed;
 if (unrouted !== 'false') fail(`RECEIPT for a channel without readers says routed:${unrouted}`);
 
-const until = async (check) => { while (!check()) await new Promise((r) => setTimeout(r, 20)); };
 await until(() => inbox.user1.length >= 3 && inbox.user2.length >= 3 && inbox.user3.length >= 1);
 // The end marker on no02 was confirmed after the no01 issues; one more
 // marker on no01 proves no stray no02 message reached its readers.
@@ -100,7 +113,13 @@ await until(() => direct.length >= 1);
 if (direct[0].body !== 'for user1 only' || direct[0].headers.destination !== '/user/queue/inbox') {
   fail(`user1's inbox got ${direct[0].body} on ${direct[0].headers.destination}`);
 }
-await Promise.all([user1, user2, user3, publisher].map((u) => u.client.deactivate()));
+await user2.client.deactivate();
+await until(() => presence.length >= 4);
+const left = JSON.parse(presence[3].body);
+if (left.presence !== 'leave' || left.session !== user2.session || left.reason !== 'disconnect') {
+  fail(`presence leave ${presence[3].body}`);
+}
+await Promise.all([user1, user3, publisher].map((u) => u.client.deactivate()));
 console.log(JSON.stringify({
   client: 'stompjs',
   sessions: [user1, user2, user3, publisher].map((u) => u.session),
@@ -108,5 +127,6 @@ console.log(JSON.stringify({
   user2: inbox.user2.map((m) => m.body),
   user3: inbox.user3.map((m) => m.body),
   receipts: { no02: routed, nobody: unrouted },
+  presence: presence.map((m) => m.headers['stompgate-presence']),
 }));
 process.exit(0);

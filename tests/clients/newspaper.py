@@ -72,9 +72,25 @@ def subscribe(conn, listener, paper, sub_id):
 
 readers = {name: connect() for name in ("user1", "user2", "user3")}
 publisher, pub_listener = connect()
+
+# Who reads no01 (the seed's new and close): a snapshot first, then joins
+# and leaves.
+watcher, who = connect()
+watcher.subscribe(f"/presence/{no01}", id="who", ack="auto")
+who.wait("presence snapshot", lambda: len(who.bodies) >= 1)
+if who.headers[0].get("stompgate-presence") != "snapshot":
+    fail(f"first presence MESSAGE {who.headers[0]}")
+if json.loads(who.bodies[0])["members"] != []:
+    fail(f"snapshot of a new paper {who.bodies[0]}")
+
 subscribe(*readers["user1"], no01, "s1")
 subscribe(*readers["user2"], no01, "s2")
 subscribe(*readers["user3"], no02, "s3")
+who.wait("presence joins", lambda: len(who.bodies) >= 3)
+joined = [json.loads(body)["session"] for body in who.bodies[1:3]]
+want = [readers["user1"][1].session, readers["user2"][1].session]
+if joined != want or {h["stompgate-presence"] for h in who.headers[1:3]} != {"join"}:
+    fail(f"presence joins {joined} {who.headers[1:3]}, not {want}")
 
 issues = ["조선일보 1면", "page 2", "page 3"]
 for body in issues:
@@ -123,11 +139,18 @@ if inbox.bodies != ["for one reader"] or inbox.headers[0]["destination"] != "/us
     fail(f"inbox got {inbox.bodies} {inbox.headers}")
 inbox_conn.disconnect()
 
-for conn, _ in list(readers.values()) + [(publisher, pub_listener)]:
+readers["user2"][0].disconnect()
+who.wait("presence leave", lambda: len(who.bodies) >= 4)
+left = json.loads(who.bodies[3])
+if [left["presence"], left["session"], left["reason"]] != ["leave", want[1], "disconnect"]:
+    fail(f"presence leave {left}")
+
+for conn, _ in [readers["user1"], readers["user3"], (publisher, pub_listener), (watcher, who)]:
     conn.disconnect()
 print(json.dumps({
     "client": "stomp.py",
     "user1": readers["user1"][1].bodies,
     "user2": readers["user2"][1].bodies,
     "user3": user3.bodies,
+    "presence": [json.loads(body)["presence"] for body in who.bodies],
 }, ensure_ascii=False))
