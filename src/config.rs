@@ -173,6 +173,9 @@ pub struct PresenceConfig {
     /// Presence MESSAGEs waiting for one session to write them; past it
     /// the session ends as too slow.
     pub max_pending: usize,
+    /// Joins and leaves waiting for this node's agent to publish them;
+    /// past it they are dropped and the other nodes ask again.
+    pub max_outbox: usize,
 }
 
 /// What RabbitMQ does when a session's queue is full (`x-overflow`).
@@ -300,13 +303,14 @@ impl Config {
                 "must be at least twice presence.beat_interval, or one late beat ends a node",
             ));
         }
-        if p.max_members == 0 || p.max_pending == 0 {
-            let key = if p.max_members == 0 {
-                "presence.max_members"
-            } else {
-                "presence.max_pending"
-            };
-            return Err(invalid(key, "must be at least 1"));
+        for (key, value) in [
+            ("presence.max_members", p.max_members),
+            ("presence.max_pending", p.max_pending),
+            ("presence.max_outbox", p.max_outbox),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if self.amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));

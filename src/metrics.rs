@@ -43,6 +43,9 @@ pub struct Metrics {
     pub presence_published: IntCounterVec,
     /// Presence nodes heard from and not timed out (this one too).
     pub presence_nodes: IntGauge,
+    /// Times joins and leaves came faster than the node could publish
+    /// them (past presence.max_outbox), and watching nodes asked again.
+    pub presence_outbox_overflows: IntCounter,
     pub heartbeat_timeouts: IntCounter,
     pub slow_client_disconnects: IntCounter,
     /// 1 while the broker answers, 0 otherwise.
@@ -208,6 +211,11 @@ impl Metrics {
                 "presence_published_total",
                 "Presence messages published to other nodes, by kind",
                 "op",
+            )?,
+            presence_outbox_overflows: counter(
+                r,
+                "presence_outbox_overflows_total",
+                "Times presence changes were dropped past presence.max_outbox and nodes asked again",
             )?,
             presence_nodes: gauge(
                 r,

@@ -389,3 +389,71 @@ async fn a_key_nobody_watches_costs_no_presence_message() {
     gw.stop().await;
     watching_node.stop().await;
 }
+
+#[tokio::test]
+async fn changes_past_max_outbox_are_set_right_by_asking_again() {
+    common::require_rabbitmq().await;
+    let gw = Gateway::start_with(|c| c.presence.max_outbox = 1).await;
+    let other = Gateway::start().await;
+    let keys: Vec<String> = (0..3).map(|_| unique("paper")).collect();
+    // Watchers on the member's own node and on another.
+    let (mut near, _) = Client::connect(&gw).await;
+    let (mut far, _) = Client::connect(&other).await;
+    for (i, key) in keys.iter().enumerate() {
+        for watcher in [&mut near, &mut far] {
+            let id = format!("w{i}");
+            watcher.subscribe(&id, &format!("/presence/{key}")).await;
+            expect(watcher, "snapshot").await;
+        }
+    }
+    let (mut member, session) = Client::connect(&gw).await;
+    for (i, key) in keys.iter().enumerate() {
+        member
+            .subscribe(&format!("m{i}"), &format!("/topic/{key}"))
+            .await;
+    }
+    /// The next `n` presence MESSAGEs, all of `kind` and of `session`:
+    /// their destinations, sorted, and their reasons.
+    async fn next_of(
+        watcher: &mut Client,
+        n: usize,
+        kind: &str,
+        session: &str,
+    ) -> (Vec<String>, Vec<Option<String>>) {
+        let mut destinations = Vec::new();
+        let mut reasons = Vec::new();
+        for _ in 0..n {
+            let (frame, body) = expect(watcher, kind).await;
+            assert_eq!(body["session"], session);
+            destinations.push(frame.get("destination").unwrap().to_owned());
+            reasons.push(body["reason"].as_str().map(str::to_owned));
+        }
+        destinations.sort();
+        (destinations, reasons)
+    }
+    let mut want: Vec<String> = keys.iter().map(|k| format!("/presence/{k}")).collect();
+    want.sort();
+    for watcher in [&mut near, &mut far] {
+        let (joined, _) = next_of(watcher, 3, "join", &session).await;
+        assert_eq!(joined, want);
+    }
+    // Its three leaves are pushed at once, past presence.max_outbox: they
+    // are dropped, and the answers to the questions asked again show the
+    // session gone, on both nodes.
+    member.disconnect().await;
+    for watcher in [&mut near, &mut far] {
+        let (left, reasons) = next_of(watcher, 3, "leave", &session).await;
+        assert_eq!(left, want);
+        assert!(
+            reasons.iter().all(|r| r.as_deref() == Some("resync")),
+            "{reasons:?}"
+        );
+    }
+    let overflows = scrape(&gw).await["stompgate_presence_outbox_overflows_total"];
+    assert!(overflows >= 1.0, "{overflows}");
+    for client in [near, far] {
+        client.disconnect().await;
+    }
+    gw.stop().await;
+    other.stop().await;
+}

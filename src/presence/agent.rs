@@ -154,7 +154,7 @@ impl<S: BrokerSession> Agent<S> {
     /// of the keys watched here.
     async fn flush(&mut self) -> Result<(), BrokerError> {
         let me = self.presence.node.clone();
-        let (asks, drops, changes) = {
+        let (asks, drops, (changes, overflowed)) = {
             let mut state = self.presence.state();
             let now = Instant::now();
             let until = now + self.presence.config.snapshot_timeout;
@@ -175,6 +175,19 @@ impl<S: BrokerSession> Agent<S> {
                 .collect();
             (asks, drops, state.outbox.drain())
         };
+        if overflowed {
+            // Changes were dropped: every watching node asks again.
+            warn!(
+                max = self.presence.config.max_outbox,
+                "presence changes came faster than they could be published \
+                 (presence.max_outbox): the other nodes are asked to ask again"
+            );
+            self.metrics.presence_outbox_overflows.inc();
+            self.hello = true;
+            self.next_beat = Instant::now();
+            // This node's own watches were told nothing either.
+            self.greet(&me).await?;
+        }
         for key in asks {
             // Bound before asking: whatever a node publishes after its
             // answer reaches this queue.

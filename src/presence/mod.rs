@@ -361,36 +361,39 @@ enum Change {
     Leave(Reason),
 }
 
-/// Changes to publish, one per (key, session): the latest wins, so what
-/// waits is bounded by the memberships there are, however fast they
-/// change while the broker is slow.
+/// Changes waiting for the agent to publish them, in order. Bounded by
+/// `presence.max_outbox`: past it (the broker holds the agent back) they
+/// are dropped, and the agent says hello again instead, so that every
+/// watching node asks this one and corrects its table from the answers.
 #[derive(Default)]
 struct Outbox {
-    order: VecDeque<(String, String)>,
-    changes: HashMap<(String, String), Change>,
+    changes: VecDeque<(String, String, Change)>,
+    overflowed: bool,
 }
 
 impl Outbox {
-    fn push(&mut self, key: &str, session: &str, change: Change) {
-        let pair = (key.to_owned(), session.to_owned());
-        if self.changes.insert(pair.clone(), change).is_none() {
-            self.order.push_back(pair);
+    fn push(&mut self, key: &str, session: &str, change: Change, max: usize) {
+        if self.overflowed {
+            return;
         }
+        if self.changes.len() >= max {
+            self.changes.clear();
+            self.overflowed = true;
+            return;
+        }
+        self.changes
+            .push_back((key.to_owned(), session.to_owned(), change));
     }
 
-    fn drain(&mut self) -> Vec<(String, String, Change)> {
-        let mut out = Vec::with_capacity(self.order.len());
-        for pair in self.order.drain(..) {
-            if let Some(change) = self.changes.remove(&pair) {
-                out.push((pair.0, pair.1, change));
-            }
-        }
-        out
+    /// Everything waiting, and whether some was dropped.
+    fn drain(&mut self) -> (Vec<(String, String, Change)>, bool) {
+        let changes = self.changes.drain(..).collect();
+        (changes, std::mem::take(&mut self.overflowed))
     }
 
     fn clear(&mut self) {
-        self.order.clear();
         self.changes.clear();
+        self.overflowed = false;
     }
 }
 
@@ -442,22 +445,30 @@ impl Presence {
         let members = state.local.entry(key.to_owned()).or_default();
         members.insert(session.to_owned(), user.clone());
         if state.watched_by.contains_key(key) {
-            state.outbox.push(key, session, Change::Join(user.clone()));
+            let max = self.config.max_outbox;
+            state
+                .outbox
+                .push(key, session, Change::Join(user.clone()), max);
             self.wake.notify_one();
         }
     }
 
-    fn left(&self, key: &str, session: &str, reason: Reason) {
+    /// `session` left every key of `keys`, all at once: a session that
+    /// ends leaves its keys together.
+    fn left<'k>(&self, keys: impl IntoIterator<Item = &'k String>, session: &str, reason: Reason) {
         let mut state = self.state();
-        if let Some(members) = state.local.get_mut(key) {
-            members.remove(session);
-            if members.is_empty() {
-                state.local.remove(key);
+        for key in keys {
+            if let Some(members) = state.local.get_mut(key) {
+                members.remove(session);
+                if members.is_empty() {
+                    state.local.remove(key);
+                }
             }
-        }
-        if state.watched_by.contains_key(key) {
-            state.outbox.push(key, session, Change::Leave(reason));
-            self.wake.notify_one();
+            if state.watched_by.contains_key(key) {
+                let max = self.config.max_outbox;
+                state.outbox.push(key, session, Change::Leave(reason), max);
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -553,9 +564,9 @@ impl SessionPresence {
         };
         *count -= 1;
         if *count == 0 {
-            self.keys.remove(key);
+            let key = self.keys.remove_entry(key).map(|(key, _)| key);
             if let Some(presence) = &self.presence {
-                presence.left(key, &self.session, Reason::Unsubscribe);
+                presence.left(&key, &self.session, Reason::Unsubscribe);
             }
         }
     }
@@ -592,9 +603,7 @@ impl Drop for SessionPresence {
         let Some(presence) = &self.presence else {
             return;
         };
-        for key in self.keys.keys() {
-            presence.left(key, &self.session, Reason::Disconnect);
-        }
+        presence.left(self.keys.keys(), &self.session, Reason::Disconnect);
         for (id, key) in &self.watching {
             presence.unwatch(key, id, &self.inbox);
         }
