@@ -6,6 +6,7 @@
 mod amqp;
 mod conns;
 mod fanout;
+mod presence;
 mod procs;
 mod stomp;
 
@@ -47,6 +48,13 @@ enum Scenario {
         amqp_url: String,
         #[command(flatten)]
         args: conns::Conns,
+    },
+    /// Members joining and leaving a key, watched or not: presence's cost.
+    Presence {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        shape: presence::Shape,
     },
     /// The fan-out straight over AMQP: the broker's ceiling.
     AmqpFanout {
@@ -112,6 +120,10 @@ fn main() -> ExitCode {
             } => (
                 "conns",
                 conns::run(target.endpoint(), target.prefix, amqp_url, args, cli.watch).await,
+            ),
+            Scenario::Presence { target, shape } => (
+                "presence",
+                presence::run(target.endpoint(), shape, target.prefix, cli.watch).await,
             ),
             Scenario::AmqpFanout {
                 amqp_url,
