@@ -60,6 +60,7 @@ pub async fn run<B: Broker>(
                     bound: Default::default(),
                     hello: true,
                     next_beat: Instant::now(),
+                    snapshots_due: Vec::new(),
                 };
                 match agent.serve(&stop).await {
                     Ok(()) => return agent.goodbye().await,
@@ -95,6 +96,8 @@ struct Agent<S> {
     /// The next beat is the first on this queue.
     hello: bool,
     next_beat: Instant,
+    /// When snapshot waits end, for those not over yet.
+    snapshots_due: Vec<Instant>,
 }
 
 impl<S: BrokerSession> Agent<S> {
@@ -161,18 +164,23 @@ impl<S: BrokerSession> Agent<S> {
             let mut known: std::collections::HashSet<String> =
                 state.nodes.keys().cloned().collect();
             known.insert(me.clone());
-            let mut asks = Vec::new();
-            for (key, watch) in state.watches.iter_mut().filter(|(_, w)| !w.asked) {
-                watch.asked = true;
-                watch.gathering = Some((known.clone(), until));
-                asks.push(key.clone());
+            let (mut asks, mut drops) = (Vec::new(), Vec::new());
+            if std::mem::take(&mut state.watches_changed) {
+                for (key, watch) in state.watches.iter_mut().filter(|(_, w)| !w.asked) {
+                    watch.asked = true;
+                    watch.gathering = Some((known.clone(), until));
+                    asks.push(key.clone());
+                }
+                drops = self
+                    .bound
+                    .iter()
+                    .filter(|k| !state.watches.contains_key(*k))
+                    .cloned()
+                    .collect();
             }
-            let drops: Vec<String> = self
-                .bound
-                .iter()
-                .filter(|k| !state.watches.contains_key(*k))
-                .cloned()
-                .collect();
+            if !asks.is_empty() {
+                self.snapshots_due.push(until);
+            }
             (asks, drops, state.outbox.drain())
         };
         if overflowed {
@@ -233,11 +241,9 @@ impl<S: BrokerSession> Agent<S> {
 
     /// The next beat, or the end of a snapshot's wait.
     fn next_due(&self) -> Instant {
-        let state = self.presence.state();
-        state
-            .watches
-            .values()
-            .filter_map(|w| w.gathering.as_ref().map(|(_, until)| *until))
+        self.snapshots_due
+            .iter()
+            .copied()
             .fold(self.next_beat, Instant::min)
     }
 
@@ -271,6 +277,7 @@ impl<S: BrokerSession> Agent<S> {
             let nodes = self.presence.state().nodes.len();
             self.metrics.presence_nodes.set(nodes as i64);
         }
+        self.snapshots_due.retain(|until| *until > now);
         let mut state = self.presence.state();
         for (key, watch) in state.watches.iter_mut() {
             watch.settle(key, now);
@@ -457,6 +464,7 @@ impl Presence {
         for watch in state.watches.values_mut() {
             watch.asked = false;
         }
+        state.watches_changed = true;
     }
 
     /// `node` is gone: its members leave, its watches end.

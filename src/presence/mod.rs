@@ -407,6 +407,9 @@ struct State {
     outbox: Outbox,
     /// Keys watched on this node.
     watches: HashMap<String, Watch>,
+    /// A watch began or ended since the agent last looked: only then does
+    /// it go through them all.
+    watches_changed: bool,
     /// Every node heard from, and when last.
     nodes: HashMap<String, Instant>,
 }
@@ -487,6 +490,7 @@ impl Presence {
             watch.waiting.push(watcher);
         }
         if !watch.asked {
+            state.watches_changed = true;
             self.wake.notify_one();
         }
     }
@@ -501,6 +505,7 @@ impl Presence {
         if watch.watchers.is_empty() && watch.waiting.is_empty() {
             state.watches.remove(key);
             // The agent unbinds it and tells the other nodes.
+            state.watches_changed = true;
             self.wake.notify_one();
         }
     }
