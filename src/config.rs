@@ -215,6 +215,48 @@ impl AmqpConfig {
     }
 }
 
+/// Settings that are lists: from the environment, comma-separated
+/// (`a,b`) or a JSON array of strings (`["a","b"]`).
+const LIST_KEYS: [&str; 3] = [
+    "server.allowed_origins",
+    "amqp.urls",
+    "amqp.allowed_exchanges",
+];
+
+/// The environment with every list setting given as a JSON array turned
+/// into the comma-separated form the loader splits.
+fn lists_as_commas(
+    mut env: std::collections::HashMap<String, String>,
+) -> Result<std::collections::HashMap<String, String>, ConfigError> {
+    for (name, value) in env.iter_mut() {
+        let Some(setting) = name.strip_prefix("STOMPGATE__") else {
+            continue;
+        };
+        let setting = setting.to_ascii_lowercase().replace("__", ".");
+        let Some(key) = LIST_KEYS.into_iter().find(|k| *k == setting) else {
+            continue;
+        };
+        if !value.trim_start().starts_with('[') {
+            continue;
+        }
+        let items: Vec<String> = serde_json::from_str(value).map_err(|e| ConfigError::Invalid {
+            key,
+            reason: format!(
+                "{name} looks like a JSON array but is not one of strings ({e}); \
+                 or give a comma-separated list"
+            ),
+        })?;
+        if let Some(bad) = items.iter().find(|i| i.contains(',')) {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: format!("{bad:?}: an item of a list setting cannot contain a comma"),
+            });
+        }
+        *value = items.join(",");
+    }
+    Ok(env)
+}
+
 impl Config {
     /// Loads the layered configuration, reading the process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -234,15 +276,16 @@ impl Config {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
+        let env = lists_as_commas(env.unwrap_or_else(|| std::env::vars().collect()))?;
         let env = config::Environment::with_prefix("STOMPGATE")
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("server.allowed_origins")
-            .with_list_parse_key("amqp.urls")
-            .with_list_parse_key("amqp.allowed_exchanges")
-            .source(env);
+            .with_list_parse_key(LIST_KEYS[0])
+            .with_list_parse_key(LIST_KEYS[1])
+            .with_list_parse_key(LIST_KEYS[2])
+            .source(Some(env));
         let config: Config = builder.add_source(env).build()?.try_deserialize()?;
         config.validate()
     }
@@ -258,6 +301,14 @@ impl Config {
                 key,
                 reason: reason.into(),
             }
+        }
+        // An empty variable (or `[]`) is an empty list, not one empty item.
+        for list in [
+            &mut self.server.allowed_origins,
+            &mut self.amqp.urls,
+            &mut self.amqp.allowed_exchanges,
+        ] {
+            list.retain(|item| !item.trim().is_empty());
         }
         let uri: Result<amq_protocol::uri::AMQPUri, _> = self.amqp.url.parse();
         if let Err(reason) = uri {

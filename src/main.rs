@@ -2,6 +2,7 @@
 //! SIGTERM or Ctrl-C.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -78,6 +79,9 @@ fn main() -> Result<(), Fatal> {
         // subscriber reports it on stderr, and with stderr gone too that
         // report panicked (exit status 101 on SIGTERM).
         .log_internal_errors(false)
+        // Colour only for a person at a terminal: log files and pipes get
+        // plain text, and NO_COLOR (no-color.org) turns it off anywhere.
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let config = Config::load(cli.config.as_deref())?;
     let open_files = raise_open_file_limit();

@@ -70,6 +70,70 @@ pub struct Metrics {
     pub held_bytes: IntGaugeVec,
 }
 
+/// Every ERROR `message` the gateway sends: `errors_total{reason}` shows
+/// each at 0 from the start (debug builds check that nothing else is
+/// counted).
+pub const ERROR_REASONS: [&str; 23] = [
+    "access refused",
+    "broker error",
+    "broker unavailable",
+    "connect timeout",
+    "frame timeout",
+    "frame too large",
+    "header too long",
+    "heart-beat timeout",
+    "invalid destination",
+    "invalid header",
+    "limit exceeded",
+    "malformed frame",
+    "missing header",
+    "protocol error",
+    "server shutting down",
+    "slow consumer",
+    "token expired",
+    "too many connections",
+    "too many headers",
+    "try again later",
+    "undefined escape sequence",
+    "unexpected body",
+    "unknown command",
+];
+
+/// Every limit or rule a refusal names in `refusals_total{limit}`, shown
+/// at 0 from the start (debug builds check that nothing else is counted).
+pub const REFUSAL_LIMITS: [&str; 24] = [
+    "auth",
+    "auth.failed_login_limit",
+    "auth.max_pending_logins",
+    "auth.users",
+    "amqp.allowed_exchanges",
+    "amqp.direct_exchange",
+    "amqp.node_prefetch_bytes",
+    "amqp.prefetch_bytes",
+    "presence.enabled",
+    "presence.max_pending",
+    "server.max_connections",
+    "server.max_connections_per_ip",
+    "server.max_message_bytes",
+    "stomp.connect_timeout",
+    "stomp.frame_timeout",
+    "stomp.max_frame_bytes",
+    "stomp.max_header_bytes",
+    "stomp.max_headers",
+    "stomp.max_subscriptions",
+    "stomp.max_transaction_bytes",
+    "stomp.max_transaction_frames",
+    "stomp.max_transactions",
+    "stomp.node_inbound_bytes",
+    "stomp.slow_client_timeout",
+];
+
+/// Why sessions move to acked consumption (`acked_consumption_total`).
+pub const ACKED_REASONS: [&str; 4] = ["client_ack", "backlog", "slow_socket", "large_message"];
+
+/// What presence publishes (`presence_published_total{op}`).
+pub const PRESENCE_OPS: [&str; 7] = ["beat", "bye", "query", "unwatch", "answer", "join", "leave"];
+
 /// Label value for frames: the command when it is a STOMP one, else a
 /// fixed placeholder, so a client cannot create label values.
 pub fn command_label(command: &str) -> &'static str {
@@ -271,7 +335,48 @@ impl Metrics {
             )?,
             held_bytes,
             registry,
-        })
+        }
+        .at_zero())
+    }
+
+    /// Every series with a fixed label set exists from the start, at 0:
+    /// a rate() or an alert over it works before the first event.
+    fn at_zero(self) -> Metrics {
+        for version in ["1.0", "1.1", "1.2"] {
+            self.sessions.with_label_values(&[version]);
+        }
+        for command in [
+            "CONNECT",
+            "STOMP",
+            "SEND",
+            "SUBSCRIBE",
+            "UNSUBSCRIBE",
+            "ACK",
+            "NACK",
+            "BEGIN",
+            "COMMIT",
+            "ABORT",
+            "DISCONNECT",
+            "OTHER",
+        ] {
+            self.frames_received.with_label_values(&[command]);
+        }
+        for command in ["CONNECTED", "MESSAGE", "RECEIPT", "ERROR", "HEARTBEAT"] {
+            self.frames_sent.with_label_values(&[command]);
+        }
+        for reason in ERROR_REASONS {
+            self.errors.with_label_values(&[reason]);
+        }
+        for limit in REFUSAL_LIMITS {
+            self.refusals.with_label_values(&[limit]);
+        }
+        for reason in ACKED_REASONS {
+            self.acked_consumption.with_label_values(&[reason]);
+        }
+        for op in PRESENCE_OPS {
+            self.presence_published.with_label_values(&[op]);
+        }
+        self
     }
 
     /// The text exposition format.

@@ -98,7 +98,20 @@ pub async fn run<B: Broker>(
     let scheme = if tls.is_some() { "wss" } else { "ws" };
     match listener.local_addr() {
         Ok(addr) => {
-            info!(%addr, node_id = %config.server.node_id, "listening on {scheme}://{addr}/ws")
+            // What a newcomer looks for first: where to point a client and
+            // a browser, which broker, which node.
+            let web = if tls.is_some() { "https" } else { "http" };
+            let brokers: Vec<String> = config
+                .amqp
+                .all_urls()
+                .map(crate::broker::amqp::client::redacted)
+                .collect();
+            info!(
+                demo = %format!("{web}://{addr}/"),
+                broker = %brokers.join(", "),
+                node_id = %config.server.node_id,
+                "listening on {scheme}://{addr}/ws"
+            )
         }
         Err(e) => warn!(error = %e, "listening (address unknown)"),
     }

@@ -213,6 +213,8 @@ async fn demo_page_and_its_client_are_served() {
         .starts_with("text/html"));
     let html = page.text().await.unwrap();
     assert!(html.contains("/static/stomp.umd.min.js"));
+    // An icon of its own (empty), so browsers ask for no /favicon.ico.
+    assert!(html.contains(r#"<link rel="icon" href="data:,">"#));
     assert!(
         !html.contains("https://"),
         "the page must not need the network"
@@ -226,5 +228,31 @@ async fn demo_page_and_its_client_are_served() {
         .await
         .unwrap();
     assert!(license.text().await.unwrap().contains("Apache License"));
+    gw.stop().await;
+}
+
+/// Every series with a fixed label set is there from the start, at 0, so
+/// that rates and alerts work before the first event.
+#[tokio::test]
+async fn labelled_series_are_there_at_zero_from_the_start() {
+    let gw = Gateway::start().await;
+    let metrics = scrape(&gw).await;
+    for reason in stompgate::metrics::ERROR_REASONS {
+        let series = format!("stompgate_errors_total{{reason=\"{reason}\"}}");
+        assert_eq!(metrics.get(&series), Some(&0.0), "{series}");
+    }
+    for limit in stompgate::metrics::REFUSAL_LIMITS {
+        let series = format!("stompgate_refusals_total{{limit=\"{limit}\"}}");
+        assert_eq!(metrics.get(&series), Some(&0.0), "{series}");
+    }
+    for series in [
+        "stompgate_acked_consumption_total{reason=\"backlog\"}",
+        "stompgate_presence_published_total{op=\"join\"}",
+        "stompgate_sessions{version=\"1.0\"}",
+        "stompgate_frames_received_total{command=\"SEND\"}",
+        "stompgate_frames_sent_total{command=\"ERROR\"}",
+    ] {
+        assert_eq!(metrics.get(series), Some(&0.0), "{series}");
+    }
     gw.stop().await;
 }

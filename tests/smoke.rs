@@ -139,3 +139,134 @@ fn open_access_beyond_loopback_is_warned_about() {
     let _ = child.wait();
     assert!(warned, "no warning about auth.mode none on 0.0.0.0");
 }
+
+/// The start line names what a newcomer needs (the WebSocket URL, the
+/// demo page, the broker without its password, the node), each session's
+/// end is one line with its reason, duration and counts, and a log that
+/// is not a terminal has no colour codes.
+#[tokio::test]
+async fn the_log_says_where_to_connect_and_how_each_session_ended() {
+    require_rabbitmq().await;
+    let node = Node::spawn(&[]);
+    let gw = &node.gateway;
+    let start = node.wait_log("listening on ws://", Duration::from_secs(5));
+    let addr = gw.http_url("");
+    for part in [
+        format!("demo={addr}"),
+        "broker=amqp://guest:***@127.0.0.1:5672/%2f".to_owned(),
+        format!("node_id={}", gw.config.server.node_id),
+    ] {
+        assert!(start.contains(&part), "{part:?} not in {start:?}");
+    }
+    let key = unique("log");
+    let (mut client, session) = Client::connect(gw).await;
+    client.subscribe("s", &format!("/topic/{key}")).await;
+    client.send_to_self(&format!("/topic/{key}"), "hello").await;
+    client.disconnect().await;
+    let end = node.wait_log("session closed", Duration::from_secs(5));
+    for part in [
+        session.as_str(),
+        "reason=Disconnected",
+        "duration_ms=",
+        "messages_in=1",
+        "messages_out=1",
+        "subscriptions=1",
+    ] {
+        assert!(end.contains(part), "{part:?} not in {end:?}");
+    }
+    let coloured = node.log_lines("\u{1b}[");
+    assert!(
+        coloured.is_empty(),
+        "colour codes in a piped log: {coloured:?}"
+    );
+}
+
+/// At a terminal the log has colour, unless NO_COLOR is set
+/// (no-color.org). `script` gives the gateway a terminal.
+#[test]
+fn no_color_turns_colour_off_at_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let binary = env!("CARGO_BIN_EXE_stompgate");
+    let coloured = |no_color: bool| {
+        let mut command = std::process::Command::new("script");
+        command
+            .args(["-qec", binary, "/dev/null"])
+            .env("STOMPGATE__SERVER__LISTEN", "127.0.0.1:0")
+            .env("STOMPGATE__PRESENCE__ENABLED", "false")
+            .env_remove("NO_COLOR")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if no_color {
+            command.env("NO_COLOR", "1");
+        }
+        let mut child = command
+            .spawn()
+            .expect("run `script` (util-linux) to give the gateway a terminal");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("no 'listening on' line within 20 s");
+            if line.contains("listening on") {
+                break line;
+            }
+        };
+        // The terminal goes with `script`, and the gateway with it (SIGHUP).
+        let _ = child.kill();
+        let _ = child.wait();
+        line.contains('\u{1b}')
+    };
+    assert!(coloured(false), "no colour at a terminal");
+    assert!(!coloured(true), "colour at a terminal despite NO_COLOR");
+}
+
+/// List settings from the environment: comma-separated, or the JSON array
+/// many users try first; both give the same list.
+#[test]
+fn list_settings_take_commas_or_a_json_array() {
+    let load = |name: &str, value: &str| {
+        let env: std::collections::HashMap<String, String> =
+            [(name.to_owned(), value.to_owned())].into();
+        Config::load_from(None, Some(env))
+    };
+    let urls = "amqp://a:b@h1:5672/%2f,amqp://a:b@h2:5672/%2f";
+    let json = r#"["amqp://a:b@h1:5672/%2f", "amqp://a:b@h2:5672/%2f"]"#;
+    for value in [urls, json] {
+        let config = load("STOMPGATE__AMQP__URLS", value).unwrap();
+        assert_eq!(
+            config.amqp.urls,
+            ["amqp://a:b@h1:5672/%2f", "amqp://a:b@h2:5672/%2f"],
+            "{value}"
+        );
+    }
+    let config = load(
+        "STOMPGATE__SERVER__ALLOWED_ORIGINS",
+        r#"["https://a.example","https://b.example"]"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.server.allowed_origins,
+        ["https://a.example", "https://b.example"]
+    );
+    let config = load("STOMPGATE__AMQP__ALLOWED_EXCHANGES", "[]").unwrap();
+    assert!(
+        config.amqp.allowed_exchanges.is_empty(),
+        "{:?}",
+        config.amqp.allowed_exchanges
+    );
+    // Half a JSON array is refused, naming the setting.
+    let error = load("STOMPGATE__AMQP__URLS", r#"["amqp://h1""#).unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("amqp.urls") && text.contains("JSON array"),
+        "{text}"
+    );
+}

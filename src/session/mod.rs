@@ -183,8 +183,18 @@ fn shutting_down() -> Frame {
     )
 }
 
-/// Logs why a session ended (once) and counts the ends that matter.
+/// Logs why a connection ended before its session opened (once) and
+/// counts the ends that matter.
 fn record_end(end: &End, metrics: &Metrics) {
+    count_end(end, metrics);
+    match end {
+        End::PeerGone | End::Disconnected => debug!(?end, "connection closed before CONNECTED"),
+        _ => info!(?end, "connection closed before CONNECTED"),
+    }
+}
+
+/// Counts the ends that matter in the metrics.
+fn count_end(end: &End, metrics: &Metrics) {
     let slow = match end {
         End::HeartbeatTimeout => {
             metrics.heartbeat_timeouts.inc();
@@ -197,10 +207,6 @@ fn record_end(end: &End, metrics: &Metrics) {
     if let Some(limit) = slow {
         metrics.slow_client_disconnects.inc();
         metrics.refusals.with_label_values(&[limit]).inc();
-    }
-    match end {
-        End::PeerGone | End::Disconnected => debug!(?end, "session closed"),
-        _ => info!(?end, "session closed"),
     }
 }
 
@@ -598,10 +604,19 @@ impl<B: Broker> Session<B> {
             .sessions
             .with_label_values(&[self.version.as_str()])
             .dec();
-        self.metrics
-            .subscriptions
-            .sub((self.subscriptions.len() + self.presence.watches()) as i64);
-        record_end(&end, &self.metrics);
+        let subscriptions = self.subscriptions.len() + self.presence.watches();
+        self.metrics.subscriptions.sub(subscriptions as i64);
+        count_end(&end, &self.metrics);
+        // One line per session, as for its opening: why, how long, how much.
+        let lasted = self.entry.connected_since.elapsed().unwrap_or_default();
+        info!(
+            reason = ?end,
+            duration_ms = lasted.as_millis() as u64,
+            messages_in = self.entry.messages_in.load(std::sync::atomic::Ordering::Relaxed),
+            messages_out = self.entry.messages_out.load(std::sync::atomic::Ordering::Relaxed),
+            subscriptions,
+            "session closed"
+        );
     }
 }
 

@@ -285,6 +285,10 @@ impl Connection {
 
     /// Counts a refusal by the limit (config key) that made it.
     pub(super) fn refused(&self, key: &'static str) {
+        debug_assert!(
+            crate::metrics::REFUSAL_LIMITS.contains(&key),
+            "{key} is missing from metrics::REFUSAL_LIMITS"
+        );
         self.metrics.refusals.with_label_values(&[key]).inc();
     }
 
@@ -316,6 +320,10 @@ impl Connection {
         if command == "ERROR" {
             // ERROR messages are the fixed summaries built in this crate.
             let reason = frame.get("message").unwrap_or("unknown");
+            debug_assert!(
+                crate::metrics::ERROR_REASONS.contains(&reason),
+                "{reason:?} is missing from metrics::ERROR_REASONS"
+            );
             self.metrics.errors.with_label_values(&[reason]).inc();
         }
         self.write_bytes(encode(frame, self.escapes)).await

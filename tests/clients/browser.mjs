@@ -29,6 +29,9 @@ try {
   const open = async (base, paper) => {
     const page = await context.newPage();
     page.on('pageerror', (e) => fail(`page error: ${e.message}`));
+    // Everything the page asks for is there (a favicon included).
+    page.on('response', (r) => { if (r.status() >= 400) fail(`${r.url()}: HTTP ${r.status()}`); });
+    page.on('requestfailed', (r) => fail(`${r.url()}: ${r.failure()?.errorText}`));
     await page.goto(base);
     await page.waitForSelector('#state.connected', { timeout: 15000 });
     await page.fill('#paper', paper);

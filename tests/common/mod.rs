@@ -738,7 +738,6 @@ pub fn stompgate_command(envs: &[(&str, &str)], args: &[&str]) -> std::process::
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
