@@ -270,3 +270,34 @@ fn list_settings_take_commas_or_a_json_array() {
         "{text}"
     );
 }
+
+/// scripts/run and scripts/test stop at once, saying what to install, on
+/// a machine whose cargo is Debian's (too old) or missing.
+#[test]
+fn the_scripts_say_which_rust_they_need() {
+    let dir = std::env::temp_dir().join(unique("cargo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("cargo");
+    std::fs::write(&fake, "#!/bin/sh\necho 'cargo 1.63.0'\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for (path, says) in [
+        (
+            format!("{}:/usr/bin:/bin", dir.display()),
+            "this cargo is 1.63.0",
+        ),
+        ("/usr/bin:/bin".to_owned(), "cargo is not installed"),
+    ] {
+        let output = std::process::Command::new("bash")
+            .args(["-c", ". scripts/need-rust && need_rust"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("PATH", &path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{path}: went on");
+        assert!(stderr.contains(says), "{path}: {stderr}");
+        assert!(stderr.contains("rustup"), "{stderr}");
+        assert!(stderr.contains("1.88"), "{stderr}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
