@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Presence messages this node published, by kind: `beat`, `bye`,
     /// `query`, `unwatch`, `answer`, `join`, `leave`.
     pub presence_published: IntCounterVec,
+    /// 1 when `/readyz` answers 200 (set at each scrape), else 0.
+    pub ready: IntGauge,
     /// Presence nodes heard from and not timed out (this one too).
     pub presence_nodes: IntGauge,
     /// Times joins and leaves came faster than the node could publish
@@ -275,6 +277,11 @@ impl Metrics {
                 "presence_published_total",
                 "Presence messages published to other nodes, by kind",
                 "op",
+            )?,
+            ready: gauge(
+                r,
+                "ready",
+                "1 while /readyz answers 200: a working, unblocked broker connection and not stopping",
             )?,
             presence_outbox_overflows: counter(
                 r,

@@ -96,6 +96,10 @@ pub fn routes<B: Broker>(
         .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<State<B>>| {
+            // What /readyz would answer now, read from state at the scrape.
+            let ready =
+                !state.shutdown.is_cancelled() && state.broker.readiness() == Readiness::Ready;
+            state.metrics.ready.set(i64::from(ready));
             reply::with_header(
                 state.metrics.render(),
                 "content-type",
