@@ -47,6 +47,12 @@ pub struct Conns {
     /// How long every connection has to receive the check message.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub receive_timeout: Duration,
+    /// Connection counts at which to read the servers' memory, after
+    /// `settle` (e.g. 2000,5000,10000; the last is --connections): memory
+    /// per connection is then the slope of a least-squares line through
+    /// these points and the baseline at 0, per process and in total.
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<usize>,
 }
 
 pub async fn run(
@@ -75,7 +81,22 @@ pub async fn run(
     let started = Instant::now();
     let mut clients = JoinSet::new();
     let mut attempted = 0;
+    // (connections, sample) at the baseline and at each step.
+    let mut points = vec![(0u64, before.clone())];
+    let mut steps = args.steps.iter().copied().filter(|s| *s > 0).peekable();
+    // Time spent settling at the steps: not connecting.
+    let mut paused = Duration::ZERO;
     for i in 0..args.connections {
+        if steps.peek() == Some(&i) {
+            steps.next();
+            let all = u32::try_from(args.concurrency.max(1)).unwrap_or(u32::MAX);
+            let turns = opening.acquire_many(all).await?;
+            let pause = Instant::now();
+            tokio::time::sleep(args.settle).await;
+            points.push((connected.load(Ordering::Relaxed), procs::sample(&watched)?));
+            paused += pause.elapsed();
+            drop(turns);
+        }
         if failed.load(Ordering::Relaxed) >= args.max_failures {
             break;
         }
@@ -130,11 +151,13 @@ pub async fn run(
     // are back.
     let all = u32::try_from(args.concurrency.max(1)).unwrap_or(u32::MAX);
     let _turns = opening.acquire_many(all).await?;
-    let connect_seconds = started.elapsed().as_secs_f64();
+    let connect_seconds = (started.elapsed() - paused).as_secs_f64();
     let after_connect = procs::sample(&watched)?;
     tokio::time::sleep(args.settle).await;
     let settled = procs::sample(&watched)?;
     let ok = connected.load(Ordering::Relaxed);
+    points.push((ok, settled.clone()));
+    let memory = (!args.steps.is_empty()).then(|| regression(&watched, &points));
 
     let check = Instant::now();
     // A broker out of file descriptors (Web-STOMP at thousands of
@@ -183,7 +206,62 @@ pub async fn run(
         "received": got,
         "all_receiving": ok > 0 && got == ok,
         "receive_s": procs::round(all_received_s, 3),
+        "memory": memory,
     }))
+}
+
+/// Memory per connection as the slope of a least-squares line through
+/// (connections, resident KiB) at every point, per process and for all
+/// together, with how well the line fits (r²). A slope that is not above
+/// zero is no measure of what a connection costs (the process gave memory
+/// back, or another grew it meanwhile): `valid` says so, and the report
+/// shows a failure, not a figure.
+fn regression(watched: &[Watched], points: &[(u64, procs::Sample)]) -> Value {
+    let fit = |ys: &[f64]| -> (f64, f64) {
+        let xs: Vec<f64> = points.iter().map(|(n, _)| *n as f64).collect();
+        let n = xs.len() as f64;
+        let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+        let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+        let sxx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
+        let syy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
+        let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+        let r2 = if sxx > 0.0 && syy > 0.0 { sxy * sxy / (sxx * syy) } else { 0.0 };
+        (slope, r2)
+    };
+    let mut per = serde_json::Map::new();
+    let mut valid = true;
+    for (i, w) in watched.iter().enumerate() {
+        let ys: Vec<f64> = points.iter().map(|(_, s)| s.rss_kib[i] as f64).collect();
+        let (slope, r2) = fit(&ys);
+        valid &= slope > 0.0;
+        per.insert(
+            w.name.clone(),
+            json!({"kib_per_connection": procs::round(slope, 2), "r2": procs::round(r2, 3)}),
+        );
+    }
+    let totals: Vec<f64> = points
+        .iter()
+        .map(|(_, s)| s.rss_kib.iter().sum::<u64>() as f64)
+        .collect();
+    let (slope, r2) = fit(&totals);
+    valid &= slope > 0.0;
+    json!({
+        "points": points
+            .iter()
+            .map(|(n, s)| {
+                let rss: serde_json::Map<String, Value> = watched
+                    .iter()
+                    .zip(&s.rss_kib)
+                    .map(|(w, kib)| (w.name.clone(), Value::from(*kib)))
+                    .collect();
+                json!({"connections": n, "rss_kib": rss})
+            })
+            .collect::<Vec<_>>(),
+        "processes": per,
+        "kib_per_connection": procs::round(slope, 2),
+        "r2": procs::round(r2, 3),
+        "valid": valid,
+    })
 }
 
 /// One message per channel, published over AMQP to `amq.topic` with
