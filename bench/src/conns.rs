@@ -225,7 +225,11 @@ fn regression(watched: &[Watched], points: &[(u64, procs::Sample)]) -> Value {
         let sxx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
         let syy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
         let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-        let r2 = if sxx > 0.0 && syy > 0.0 { sxy * sxy / (sxx * syy) } else { 0.0 };
+        let r2 = if sxx > 0.0 && syy > 0.0 {
+            sxy * sxy / (sxx * syy)
+        } else {
+            0.0
+        };
         (slope, r2)
     };
     let mut per = serde_json::Map::new();
