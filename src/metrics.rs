@@ -136,28 +136,34 @@ pub const ACKED_REASONS: [&str; 4] = ["client_ack", "backlog", "slow_socket", "l
 /// What presence publishes (`presence_published_total{op}`).
 pub const PRESENCE_OPS: [&str; 7] = ["beat", "bye", "query", "unwatch", "answer", "join", "leave"];
 
+/// `frames_received_total{command}`: what a client sends, and OTHER for
+/// anything else.
+const CLIENT_COMMANDS: [&str; 12] = [
+    "CONNECT",
+    "STOMP",
+    "SEND",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "ACK",
+    "NACK",
+    "BEGIN",
+    "COMMIT",
+    "ABORT",
+    "DISCONNECT",
+    "OTHER",
+];
+
+/// `frames_sent_total{command}`: what the gateway sends.
+const SERVER_COMMANDS: [&str; 5] = ["CONNECTED", "MESSAGE", "RECEIPT", "ERROR", "HEARTBEAT"];
+
 /// Label value for frames: the command when it is a STOMP one, else a
 /// fixed placeholder, so a client cannot create label values.
 pub fn command_label(command: &str) -> &'static str {
-    const KNOWN: [&str; 16] = [
-        "CONNECT",
-        "STOMP",
-        "SEND",
-        "SUBSCRIBE",
-        "UNSUBSCRIBE",
-        "ACK",
-        "NACK",
-        "BEGIN",
-        "COMMIT",
-        "ABORT",
-        "DISCONNECT",
-        "CONNECTED",
-        "MESSAGE",
-        "RECEIPT",
-        "ERROR",
-        "HEARTBEAT",
-    ];
-    KNOWN.into_iter().find(|k| *k == command).unwrap_or("OTHER")
+    CLIENT_COMMANDS
+        .into_iter()
+        .chain(SERVER_COMMANDS)
+        .find(|k| *k == command)
+        .unwrap_or("OTHER")
 }
 
 impl Metrics {
@@ -352,23 +358,10 @@ impl Metrics {
         for version in ["1.0", "1.1", "1.2"] {
             self.sessions.with_label_values(&[version]);
         }
-        for command in [
-            "CONNECT",
-            "STOMP",
-            "SEND",
-            "SUBSCRIBE",
-            "UNSUBSCRIBE",
-            "ACK",
-            "NACK",
-            "BEGIN",
-            "COMMIT",
-            "ABORT",
-            "DISCONNECT",
-            "OTHER",
-        ] {
+        for command in CLIENT_COMMANDS {
             self.frames_received.with_label_values(&[command]);
         }
-        for command in ["CONNECTED", "MESSAGE", "RECEIPT", "ERROR", "HEARTBEAT"] {
+        for command in SERVER_COMMANDS {
             self.frames_sent.with_label_values(&[command]);
         }
         for reason in ERROR_REASONS {

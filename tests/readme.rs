@@ -8,10 +8,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
-use common::{admin_sessions, unique, Client, Gateway};
+use common::{admin_sessions, run_client, unique, Client, Gateway};
 use stompgate::config::Config;
 
 const README: &str = include_str!("../README.md");
@@ -68,30 +66,6 @@ fn workdir() -> PathBuf {
     dir
 }
 
-/// Runs a program to its end (bounded); its standard output.
-async fn run(program: &str, args: &[&str]) -> String {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{program} {args:?} did not exit within 60 s"))
-    .unwrap_or_else(|e| panic!("cannot run {program}: {e} (scripts/test installs it)"));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    stdout
-}
-
 #[tokio::test]
 async fn the_stompjs_example_runs_in_node() {
     let gw = Gateway::start().await;
@@ -101,7 +75,7 @@ async fn the_stompjs_example_runs_in_node() {
     };
     let file = workdir().join("newspaper.mjs");
     std::fs::write(&file, localized(example, &gw, &papers)).unwrap();
-    let printed = run("node", &[file.to_str().unwrap()]).await;
+    let printed = run_client("node", &[file.to_str().unwrap()]).await;
     assert_eq!(
         printed,
         format!("routed: true\n/sub/{papers}no01 1면: 오늘의 소식\n")
@@ -127,7 +101,7 @@ async fn the_browser_example_runs_in_chromium() {
         "{}/tests/clients/readme-browser.mjs",
         env!("CARGO_MANIFEST_DIR")
     );
-    let printed = run("node", &[&script, file.to_str().unwrap(), "2"]).await;
+    let printed = run_client("node", &[script.as_str(), file.to_str().unwrap(), "2"]).await;
     assert_eq!(
         printed,
         format!("routed: true\n/sub/{papers}no01 1면: 오늘의 소식\n")
@@ -144,7 +118,7 @@ async fn the_stomp_py_example_runs() {
     };
     let file = workdir().join("newspaper.py");
     std::fs::write(&file, localized(example, &gw, &papers)).unwrap();
-    let printed = run("python3", &[file.to_str().unwrap()]).await;
+    let printed = run_client("python3", &[file.to_str().unwrap()]).await;
     // The body names the paper too, so it was pointed at the test's.
     assert_eq!(printed, format!("/topic/{papers}no02 {papers}no02 only\n"));
     gw.stop().await;

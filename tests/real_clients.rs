@@ -6,32 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
-use common::{unique, Gateway, Node};
+use common::{run_client, unique, Gateway, Node};
 
 async fn run(program: &str, args: &[String]) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{program} client script did not finish within 60 s"))
-    .unwrap_or_else(|e| panic!("cannot run {program}: {e} (scripts/test installs it)"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    println!("{stdout}");
+    println!("{}", run_client(program, args).await);
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{body_text, require_rabbitmq, stompgate_command, unique, Client, Closed, Node};
+use common::{
+    body_text, output_lines, require_rabbitmq, stompgate_command, unique, Client, Closed, Node,
+};
 use stompgate::config::Config;
 use stompgate::stomp::frame::Frame;
 
@@ -112,19 +114,11 @@ fn config_file_then_environment() {
 /// auth.mode "none" on a non-loopback address gets a warning at start.
 #[test]
 fn open_access_beyond_loopback_is_warned_about() {
-    use std::io::{BufRead, BufReader};
     let mut child = stompgate_command(&[("STOMPGATE__SERVER__LISTEN", "0.0.0.0:0")], &[])
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = output_lines(stdout);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let warned = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -185,7 +179,6 @@ async fn the_log_says_where_to_connect_and_how_each_session_ended() {
 /// (no-color.org). `script` gives the gateway a terminal.
 #[test]
 fn no_color_turns_colour_off_at_a_terminal() {
-    use std::io::{BufRead, BufReader};
     let binary = env!("CARGO_BIN_EXE_stompgate");
     let coloured = |no_color: bool| {
         let mut command = std::process::Command::new("script");
@@ -203,14 +196,7 @@ fn no_color_turns_colour_off_at_a_terminal() {
             .spawn()
             .expect("run `script` (util-linux) to give the gateway a terminal");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = output_lines(stdout);
         let line = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(20))

@@ -725,6 +725,34 @@ pub struct Node {
     logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// Runs a client program (node, python3) to its end, bounded by 60 s,
+/// and returns its standard output; fails with its output if it failed.
+pub async fn run_client<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    program: &str,
+    args: &[S],
+) -> String {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} {args:?} did not exit within 60 s"))
+    .unwrap_or_else(|e| panic!("cannot run {program}: {e} (scripts/test installs it)"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
 /// `stompgate` with a clean environment plus `envs`, output piped.
 ///
 /// `STOMPGATE_BIN=PATH` runs another build instead (an older one, to
@@ -849,6 +877,26 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A child's output, line by line, read on a thread of its own so that
+/// a test can wait for a line with `recv_timeout`.
+pub fn output_lines(
+    output: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Reads the log until the "listening" line; returns the bound address.
