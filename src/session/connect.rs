@@ -221,7 +221,10 @@ async fn run_session<B: Broker>(ws: WebSocket, ctx: SessionContext<B>, id: Strin
         }
         Err(end) => end,
     };
-    session.close(end).await;
+    // Boxed: closing's future (drain, release, the broker's close) is the
+    // largest a session awaits, about 6 KB; held inline it would be part
+    // of every session's task for as long as the session lives.
+    Box::pin(session.close(end)).await;
 }
 
 fn negotiate(connect: &Connect, subprotocol: Option<Version>) -> Result<Version, SessionError> {

@@ -40,7 +40,7 @@ impl<B: Broker> Session<B> {
         let error = match delivery {
             Some(Ok(delivery)) => {
                 return match self.slowing_for(delivery.body.len()).await? {
-                    Some(reason) => self.require_acks(reason, Some(delivery)).await,
+                    Some(reason) => Box::pin(self.require_acks(reason, Some(delivery))).await,
                     None => self.deliver(delivery).await,
                 };
             }
@@ -169,7 +169,7 @@ impl<B: Broker> Session<B> {
             reason = Some("slow_socket");
         }
         match reason {
-            Some(reason) => self.require_acks(reason, None).await,
+            Some(reason) => Box::pin(self.require_acks(reason, None)).await,
             None => Ok(()),
         }
     }
@@ -177,6 +177,9 @@ impl<B: Broker> Session<B> {
     /// Moves the session from the fast path (deliveries without acks) to
     /// acked consumption with a prefetch, for good, then delivers `first`
     /// and what had come without acks, in order.
+    ///
+    /// Callers box its future: it runs at most once per session, and its
+    /// 2 KB, held inline, would be part of every session's task.
     pub(super) async fn require_acks(
         &mut self,
         reason: &'static str,

@@ -235,7 +235,7 @@ impl<B: Broker> Session<B> {
         if ack.needs_ack() {
             // What came without acks was meant for the subscriptions
             // made before this one, and goes to them first.
-            if let Err(end) = self.require_acks("client_ack", None).await {
+            if let Err(end) = Box::pin(self.require_acks("client_ack", None)).await {
                 self.ended = Some(end);
                 return Ok(());
             }
