@@ -55,6 +55,35 @@ async fn expect_event(watcher: &mut Client, kind: &str, session: &str, reason: O
     assert_eq!(body["reason"].as_str(), reason);
 }
 
+/// Waits until `watching` has heard from each of `nodes`. A snapshot
+/// waits only for the nodes its gateway knows: a node that started a
+/// moment ago, before its first beat reached the others, is not in it
+/// (its members follow as joins). So a test that checks a snapshot
+/// across nodes first watches a probe key with one reader on each node,
+/// until every reader shows, in the snapshot or as a join.
+async fn known_to(watching: &Gateway, nodes: &[&Gateway]) {
+    let key = unique("probe");
+    let mut probes = Vec::new();
+    for node in nodes {
+        probes.push(reader(node, &key).await);
+    }
+    let want: BTreeSet<String> = probes.iter().map(|(_, s)| s.clone()).collect();
+    let (mut watcher, _) = Client::connect(watching).await;
+    watcher
+        .subscribe("probe", &format!("/presence/{key}"))
+        .await;
+    let (_, snapshot) = expect(&mut watcher, "snapshot").await;
+    let mut seen = members(&snapshot);
+    while seen != want {
+        let (_, join) = expect(&mut watcher, "join").await;
+        seen.insert(join["session"].as_str().expect("a session").to_owned());
+    }
+    watcher.disconnect().await;
+    for (probe, _) in probes {
+        probe.disconnect().await;
+    }
+}
+
 #[tokio::test]
 async fn a_watcher_sees_who_reads_a_key_on_every_node() {
     common::require_rabbitmq().await;
@@ -62,6 +91,7 @@ async fn a_watcher_sees_who_reads_a_key_on_every_node() {
     let gw1 = Gateway::start().await;
     let (node2, node3) = (Node::spawn(&[]), Node::spawn(&[]));
     let (gw2, gw3) = (&node2.gateway, &node3.gateway);
+    known_to(&gw1, &[gw2, gw3]).await;
     let key = unique("paper");
     let (mut a, a_session) = reader(gw2, &key).await;
     let (mut b, b_session) = reader(gw3, &key).await;
@@ -125,6 +155,7 @@ async fn a_killed_nodes_members_leave_within_node_timeout_and_a_beat() {
     common::require_rabbitmq().await;
     let gw1 = Gateway::start().await;
     let mut doomed = Node::spawn(&[]);
+    known_to(&gw1, &[&doomed.gateway]).await;
     let key = unique("paper");
     let (_a, a_session) = reader(&doomed.gateway, &key).await;
     let (mut watcher, _) = Client::connect(&gw1).await;
