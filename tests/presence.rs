@@ -189,6 +189,30 @@ async fn a_killed_nodes_members_leave_within_node_timeout_and_a_beat() {
     gw1.stop().await;
 }
 
+/// A node that did not exist when the snapshot was taken (so it was not
+/// waited for): its members come as joins, once each, however its first
+/// beat and its reader's SUBSCRIBE cross.
+#[tokio::test]
+async fn a_node_started_after_the_snapshot_tells_its_members_as_joins() {
+    common::require_rabbitmq().await;
+    let gw1 = Gateway::start().await;
+    let key = unique("paper");
+    let (mut watcher, _) = Client::connect(&gw1).await;
+    watcher.subscribe("who", &format!("/presence/{key}")).await;
+    let (_, snapshot) = expect(&mut watcher, "snapshot").await;
+    assert!(members(&snapshot).is_empty(), "{snapshot}");
+    // Subscribed at once, while its agent may still be opening its queue.
+    let late = Node::spawn(&[]);
+    let (_a, a_session) = reader(&late.gateway, &key).await;
+    expect_event(&mut watcher, "join", &a_session, None).await;
+    // Told once: the next event is a marker's, not the same join again.
+    let (_m, m_session) = reader(&gw1, &key).await;
+    expect_event(&mut watcher, "join", &m_session, None).await;
+    watcher.disconnect().await;
+    drop(late);
+    gw1.stop().await;
+}
+
 #[tokio::test]
 async fn a_stopped_node_says_bye_and_its_members_leave_at_once() {
     common::require_rabbitmq().await;
